@@ -1,0 +1,1 @@
+//! kproxy: a Rust replacement for Kubernetes' kube-proxy.
