@@ -1,1 +1,9 @@
 //! kproxy: a Rust replacement for Kubernetes' kube-proxy.
+//!
+//! Data flows one way: Kubernetes objects become a compact [`model::ClusterState`];
+//! a per-family [`model::ProxyState`] is derived from it; the renderers turn that into
+//! rules (pure data); only the appliers touch the kernel.
+
+pub mod config;
+pub mod model;
+pub mod snapshot;

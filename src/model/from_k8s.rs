@@ -1,0 +1,381 @@
+//! Kubernetes API objects -> model. Bad objects are refused with a reason that names the
+//! field; the caller skips them with a warning and everything else keeps working.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
+
+use super::ip::{parse_cidr_sloppy, parse_ip_sloppy};
+use super::{
+    EndpointSlice, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, Service, ServiceType,
+    SliceEndpoint, SlicePort,
+};
+
+/// Label that hands a Service to another proxy; upstream never sees such Services.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label marking EndpointSlices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Node label for the zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// EndpointSlice annotation used for network-programming latency.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Why an object was not turned into model data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    /// The object is fine but the proxy has nothing to do with it (headless,
+    /// ExternalName, another proxy's, FQDN slice). Not worth a warning.
+    #[error("ignored: {0}")]
+    Ignored(&'static str),
+    /// The object is malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SkipReason {
+    /// Whether this is a malformed object (warn) rather than one we simply ignore.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, SkipReason::Invalid(_))
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> SkipReason {
+    SkipReason::Invalid(msg.into())
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn port_u16(v: i32, what: &str) -> Result<u16, SkipReason> {
+    u16::try_from(v)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(format!("{what} {v} is out of range 1-65535")))
+}
+
+fn opt_port_u16(v: Option<i32>, what: &str) -> Result<u16, SkipReason> {
+    match v {
+        None | Some(0) => Ok(0),
+        Some(v) => port_u16(v, what),
+    }
+}
+
+/// Converts a Service. Headless, ExternalName and other proxies' Services are `Ignored`.
+pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
+    let key = key_of(&svc.metadata);
+    if key.name.is_empty() {
+        return Err(invalid("metadata.name is empty"));
+    }
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Err(SkipReason::Ignored("handled by another service proxy"));
+    }
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or(SkipReason::Ignored("no spec"))?;
+    let service_type = match spec.type_.as_deref() {
+        None | Some("") => ServiceType::Unset,
+        Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => return Err(SkipReason::Ignored("ExternalName service")),
+        Some(other) => return Err(invalid(format!("unknown spec.type {other:?}"))),
+    };
+    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    if primary.is_empty() || primary == "None" {
+        return Err(SkipReason::Ignored("headless service"));
+    }
+    let raw_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => vec![primary],
+    };
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    for raw in raw_ips {
+        let ip = parse_ip_sloppy(raw)
+            .ok_or_else(|| invalid(format!("spec.clusterIPs entry {raw:?} is not an IP")))?;
+        if !cluster_ips.iter().any(|c| IpFamily::of(c) == IpFamily::of(&ip)) {
+            cluster_ips.push(ip);
+        }
+    }
+
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for p in spec.ports.as_deref().unwrap_or_default() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = Protocol::parse(p.protocol.as_deref()).ok_or_else(|| {
+            invalid(format!(
+                "port {name:?}: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or_default()
+            ))
+        })?;
+        let port = port_u16(p.port, &format!("port {name:?}: port"))?;
+        let node_port = opt_port_u16(p.node_port, &format!("port {name:?}: nodePort"))?;
+        if !seen.insert((name.clone(), protocol)) {
+            return Err(invalid(format!(
+                "duplicate port name {name:?} for protocol {}",
+                protocol.lower()
+            )));
+        }
+        ports.push(PortSpec {
+            name,
+            protocol,
+            port,
+            node_port,
+        });
+    }
+
+    // Invalid externalIPs, source ranges and ingress IPs are dropped one by one, as
+    // upstream does; the rest of the Service still works.
+    let external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| parse_ip_sloppy(s.trim()))
+        .collect();
+    let source_ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| parse_cidr_sloppy(s))
+        .collect();
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ingress| {
+            ingress
+                .iter()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_deref())
+                .filter_map(|ip| parse_ip_sloppy(ip.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    // Upstream compares the raw type here: a Service without a type is not "ClusterIP".
+    let externally_accessible_by_type = matches!(
+        service_type,
+        ServiceType::LoadBalancer | ServiceType::NodePort
+    ) || (service_type == ServiceType::ClusterIp
+        && !spec.external_ips.as_deref().unwrap_or_default().is_empty());
+    let external_policy_local = externally_accessible_by_type
+        && spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = if service_type == ServiceType::LoadBalancer
+        && external_policy_local
+    {
+        opt_port_u16(spec.health_check_node_port, "healthCheckNodePort")?
+    } else {
+        0
+    };
+    let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(10800);
+        Some(u32::try_from(t).map_err(|_| invalid(format!("session affinity timeout {t}")))?)
+    } else {
+        None
+    };
+
+    Ok(Service {
+        key,
+        service_type,
+        cluster_ips,
+        external_ips,
+        lb_ips,
+        source_ranges,
+        external_policy_local,
+        internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port,
+        affinity_timeout,
+        traffic_distribution: spec.traffic_distribution.clone(),
+        ports,
+    })
+}
+
+/// Converts an EndpointSlice. FQDN and headless slices are `Ignored`.
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, SkipReason> {
+    let key = key_of(&slice.metadata);
+    if key.name.is_empty() {
+        return Err(invalid("metadata.name is empty"));
+    }
+    let labels = slice.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return Err(SkipReason::Ignored("headless service slice"));
+    }
+    let service = labels
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .ok_or_else(|| invalid(format!("no {SERVICE_NAME_LABEL} label")))?;
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        "FQDN" => return Err(SkipReason::Ignored("FQDN slice")),
+        other => return Err(invalid(format!("unknown addressType {other:?}"))),
+    };
+    let mut ports = Vec::new();
+    for p in slice.ports.as_deref().unwrap_or_default() {
+        // Upstream skips ports without a name or number instead of refusing the slice.
+        let (Some(name), Some(num)) = (p.name.as_ref(), p.port) else {
+            continue;
+        };
+        if num == 0 {
+            continue;
+        }
+        let protocol = Protocol::parse(p.protocol.as_deref()).ok_or_else(|| {
+            invalid(format!(
+                "port {name:?}: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or_default()
+            ))
+        })?;
+        ports.push(SlicePort {
+            name: name.clone(),
+            protocol,
+            port: port_u16(num, &format!("port {name:?}"))?,
+        });
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let Some(addr) = ep.addresses.first() else {
+            continue;
+        };
+        let ip = parse_ip_sloppy(addr.trim())
+            .ok_or_else(|| invalid(format!("endpoints[{i}]: address {addr:?} is not an IP")))?;
+        if IpFamily::of(&ip) != family {
+            return Err(invalid(format!(
+                "endpoints[{i}]: address {addr} is not {}",
+                family.label()
+            )));
+        }
+        let cond = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone(),
+            zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+        });
+    }
+    let trigger_time = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+        .cloned();
+    Ok(EndpointSlice {
+        key,
+        service,
+        family,
+        ports,
+        endpoints,
+        trigger_time,
+    })
+}
+
+/// Converts a Node.
+pub fn node(node: &core::Node) -> Result<NodeInfo, SkipReason> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(invalid("metadata.name is empty"));
+    }
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
+    let mut internal_ips = Vec::new();
+    let mut external_ips = Vec::new();
+    for a in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default()
+    {
+        let Some(ip) = parse_ip_sloppy(a.address.trim()) else {
+            continue;
+        };
+        match a.type_.as_str() {
+            "InternalIP" => internal_ips.push(ip),
+            "ExternalIP" => external_ips.push(ip),
+            _ => {}
+        }
+    }
+    let spec = node.spec.as_ref();
+    let mut pod_cidrs: Vec<_> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .map(|c| c.iter().filter_map(|c| parse_cidr_sloppy(c)).collect())
+        .unwrap_or_default();
+    if pod_cidrs.is_empty() {
+        if let Some(c) = spec
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(parse_cidr_sloppy)
+        {
+            pod_cidrs.push(c);
+        }
+    }
+    let tainted = spec
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    Ok(NodeInfo {
+        name,
+        zone,
+        internal_ips,
+        external_ips,
+        pod_cidrs,
+        being_deleted: tainted || node.metadata.deletion_timestamp.is_some(),
+    })
+}
+
+/// Converts a ServiceCIDR into its CIDRs.
+pub fn service_cidr(
+    sc: &networking::ServiceCIDR,
+) -> Result<(String, Vec<ipnet::IpNet>), SkipReason> {
+    let name = sc.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(invalid("metadata.name is empty"));
+    }
+    let mut cidrs = Vec::new();
+    for c in sc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cidrs.as_ref())
+        .map(|v| v.as_slice())
+        .unwrap_or_default()
+    {
+        cidrs.push(
+            parse_cidr_sloppy(c).ok_or_else(|| invalid(format!("cidr {c:?} is not a CIDR")))?,
+        );
+    }
+    Ok((name, cidrs))
+}

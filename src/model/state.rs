@@ -1,0 +1,359 @@
+//! The cluster state kept in memory, and the per-family view derived from it.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
+
+use super::from_k8s::{self, SkipReason};
+use super::select::{categorize, Selection, Topology};
+use super::{
+    Endpoint, EndpointSlice, IpFamily, NodeInfo, ObjectKey, Service, ServicePort,
+    ServicePortName,
+};
+
+/// Everything the proxy knows about the cluster: compact, keyed, no full objects.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    services: BTreeMap<ObjectKey, Service>,
+    /// Slices grouped by their Service (namespace/service name), then by slice name, so
+    /// that endpoints merge in a stable order.
+    slices: BTreeMap<ObjectKey, BTreeMap<String, EndpointSlice>>,
+    /// Slice key -> owning service key, to find a slice again on delete or relabel.
+    slice_owner: BTreeMap<ObjectKey, ObjectKey>,
+    node: Option<NodeInfo>,
+    service_cidrs: BTreeMap<String, Vec<IpNet>>,
+}
+
+/// The node-specific inputs of endpoint selection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name (endpoints with this nodeName are local).
+    pub name: String,
+    /// This node's zone label, for topology hints.
+    pub zone: Option<String>,
+    /// Feature gate PreferSameTrafficDistribution.
+    pub prefer_same_node: bool,
+}
+
+/// One service port with its endpoints and their selection, for one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    /// The service port.
+    pub svc: ServicePort,
+    /// Its endpoints, sorted by address string (upstream's order).
+    pub endpoints: Vec<Endpoint>,
+    /// Which endpoints serve which traffic.
+    pub selection: Selection,
+}
+
+impl PortPlan {
+    /// The Service this port belongs to.
+    pub fn service_key(&self) -> ObjectKey {
+        ObjectKey::new(&self.svc.name.namespace, &self.svc.name.name)
+    }
+
+    /// Endpoints for cluster-policy traffic.
+    pub fn cluster_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.selection.cluster.iter().map(|&i| &self.endpoints[i])
+    }
+
+    /// Endpoints for local-policy traffic.
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.selection.local.iter().map(|&i| &self.endpoints[i])
+    }
+
+    /// Every endpoint some traffic can reach.
+    pub fn reachable_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.selection.all_reachable.iter().map(|&i| &self.endpoints[i])
+    }
+}
+
+/// The per-family view the renderers consume: a pure function of [`ClusterState`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyState {
+    /// The family.
+    pub family: IpFamily,
+    /// Service ports sorted by namespace, name, port name and protocol.
+    pub ports: Vec<PortPlan>,
+    /// ServiceCIDRs of this family, sorted.
+    pub service_cidrs: Vec<IpNet>,
+}
+
+impl ProxyState {
+    /// Sum of endpoint-list lengths over all service ports (upstream's large-cluster
+    /// measure: every endpoint counts, ready or not).
+    pub fn total_endpoints(&self) -> usize {
+        self.ports.iter().map(|p| p.endpoints.len()).sum()
+    }
+}
+
+impl ClusterState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a Service. A Service that is ignored or invalid is removed from
+    /// the state (its old version no longer describes the cluster) and the reason returned.
+    pub fn upsert_service(&mut self, svc: &core::Service) -> Result<(), SkipReason> {
+        match from_k8s::service(svc) {
+            Ok(s) => {
+                self.services.insert(s.key.clone(), s);
+                Ok(())
+            }
+            Err(e) => {
+                self.services.remove(&ObjectKey::new(
+                    svc.metadata.namespace.clone().unwrap_or_default(),
+                    svc.metadata.name.clone().unwrap_or_default(),
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// Inserts an already converted Service.
+    pub fn insert_service(&mut self, svc: Service) {
+        self.services.insert(svc.key.clone(), svc);
+    }
+
+    /// Removes a Service.
+    pub fn remove_service(&mut self, namespace: &str, name: &str) -> bool {
+        self.services
+            .remove(&ObjectKey::new(namespace, name))
+            .is_some()
+    }
+
+    /// Adds or replaces an EndpointSlice.
+    pub fn upsert_slice(&mut self, slice: &discovery::EndpointSlice) -> Result<(), SkipReason> {
+        let key = ObjectKey::new(
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        );
+        match from_k8s::endpoint_slice(slice) {
+            Ok(s) => {
+                self.insert_slice(s);
+                Ok(())
+            }
+            Err(e) => {
+                self.remove_slice(&key.namespace, &key.name);
+                Err(e)
+            }
+        }
+    }
+
+    /// Inserts an already converted EndpointSlice.
+    pub fn insert_slice(&mut self, slice: EndpointSlice) {
+        let key = slice.key.clone();
+        self.remove_slice(&key.namespace, &key.name);
+        let owner = ObjectKey::new(&key.namespace, &slice.service);
+        self.slice_owner.insert(key.clone(), owner.clone());
+        self.slices
+            .entry(owner)
+            .or_default()
+            .insert(key.name, slice);
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn remove_slice(&mut self, namespace: &str, name: &str) -> bool {
+        let key = ObjectKey::new(namespace, name);
+        let Some(owner) = self.slice_owner.remove(&key) else {
+            return false;
+        };
+        if let Some(group) = self.slices.get_mut(&owner) {
+            group.remove(name);
+            if group.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        true
+    }
+
+    /// Sets this node's Node object.
+    pub fn set_node(&mut self, node: &core::Node) -> Result<(), SkipReason> {
+        self.node = Some(from_k8s::node(node)?);
+        Ok(())
+    }
+
+    /// Sets converted node information (or clears it).
+    pub fn set_node_info(&mut self, node: Option<NodeInfo>) {
+        self.node = node;
+    }
+
+    /// This node's information, when its Node object is known.
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.node.as_ref()
+    }
+
+    /// Adds or replaces a ServiceCIDR.
+    pub fn upsert_service_cidr(&mut self, sc: &networking::ServiceCIDR) -> Result<(), SkipReason> {
+        let (name, cidrs) = from_k8s::service_cidr(sc)?;
+        self.service_cidrs.insert(name, cidrs);
+        Ok(())
+    }
+
+    /// Removes a ServiceCIDR.
+    pub fn remove_service_cidr(&mut self, name: &str) -> bool {
+        self.service_cidrs.remove(name).is_some()
+    }
+
+    /// Drops all Services (before a relist replaces them).
+    pub fn clear_services(&mut self) {
+        self.services.clear();
+    }
+
+    /// Drops all EndpointSlices (before a relist replaces them).
+    pub fn clear_slices(&mut self) {
+        self.slices.clear();
+        self.slice_owner.clear();
+    }
+
+    /// Drops all ServiceCIDRs (before a relist replaces them).
+    pub fn clear_service_cidrs(&mut self) {
+        self.service_cidrs.clear();
+    }
+
+    /// Known Services.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// Known EndpointSlices.
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices.values().flat_map(|g| g.values())
+    }
+
+    /// Number of Services and EndpointSlices held.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slice_owner.len())
+    }
+
+    /// The families the cluster's Services use.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let mut fams: Vec<IpFamily> = self
+            .services
+            .values()
+            .flat_map(|s| s.cluster_ips.iter().map(IpFamily::of))
+            .collect();
+        fams.sort();
+        fams.dedup();
+        fams
+    }
+
+    /// Derives the per-family view for one node.
+    pub fn proxy_state(&self, family: IpFamily, node: &NodeContext) -> ProxyState {
+        let topo = Topology {
+            node_name: &node.name,
+            zone: node.zone.as_deref(),
+            prefer_same_node: node.prefer_same_node,
+        };
+        let mut ports = Vec::new();
+        for svc in self.services.values() {
+            let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.contains(ip)) else {
+                continue;
+            };
+            let slices = self.slices.get(&svc.key);
+            for p in &svc.ports {
+                let sp = ServicePort {
+                    name: ServicePortName {
+                        namespace: svc.key.namespace.clone(),
+                        name: svc.key.name.clone(),
+                        port: p.name.clone(),
+                        protocol: p.protocol,
+                    },
+                    cluster_ip: *cluster_ip,
+                    port: p.port,
+                    node_port: p.node_port,
+                    external_ips: svc
+                        .external_ips
+                        .iter()
+                        .filter(|ip| family.contains(ip))
+                        .copied()
+                        .collect(),
+                    lb_ips: svc
+                        .lb_ips
+                        .iter()
+                        .filter(|ip| family.contains(ip))
+                        .copied()
+                        .collect(),
+                    source_ranges: svc
+                        .source_ranges
+                        .iter()
+                        .filter(|n| IpFamily::of_net(n) == family)
+                        .copied()
+                        .collect(),
+                    external_policy_local: svc.external_policy_local,
+                    internal_policy_local: svc.internal_policy_local,
+                    health_check_node_port: svc.health_check_node_port,
+                    affinity_timeout: svc.affinity_timeout,
+                };
+                let endpoints = merge_endpoints(slices, family, &p.name, p.protocol, &node.name);
+                let selection = categorize(&sp, &endpoints, &topo);
+                ports.push(PortPlan {
+                    svc: sp,
+                    endpoints,
+                    selection,
+                });
+            }
+        }
+        ports.sort_by(|a, b| a.svc.name.cmp(&b.svc.name));
+        let mut service_cidrs: Vec<IpNet> = self
+            .service_cidrs
+            .values()
+            .flatten()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .copied()
+            .collect();
+        service_cidrs.sort();
+        service_cidrs.dedup();
+        ProxyState {
+            family,
+            ports,
+            service_cidrs,
+        }
+    }
+}
+
+/// Merges the endpoints of one service port across its slices: de-duplicated by
+/// address string (a non-terminating copy wins), sorted byte-wise by that string.
+fn merge_endpoints(
+    slices: Option<&BTreeMap<String, EndpointSlice>>,
+    family: IpFamily,
+    port_name: &str,
+    protocol: super::Protocol,
+    node_name: &str,
+) -> Vec<Endpoint> {
+    let mut by_addr: BTreeMap<String, Endpoint> = BTreeMap::new();
+    for slice in slices.into_iter().flat_map(|s| s.values()) {
+        if slice.family != family {
+            continue;
+        }
+        let Some(sp) = slice
+            .ports
+            .iter()
+            .find(|sp| sp.name == port_name && sp.protocol == protocol)
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let ep = Endpoint {
+                ip: e.ip,
+                port: sp.port,
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                is_local: !node_name.is_empty() && e.node_name.as_deref() == Some(node_name),
+                zone_hints: e.zone_hints.clone(),
+                node_hints: e.node_hints.clone(),
+            };
+            let addr = ep.addr_string();
+            if !by_addr.contains_key(&addr) || !ep.terminating {
+                by_addr.insert(addr, ep);
+            }
+        }
+    }
+    // BTreeMap<String, _> iterates in byte-wise key order: upstream's endpoint order.
+    by_addr.into_values().collect()
+}
