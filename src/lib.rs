@@ -5,5 +5,6 @@
 //! rules (pure data); only the appliers touch the kernel.
 
 pub mod config;
+pub mod iptables;
 pub mod model;
 pub mod snapshot;

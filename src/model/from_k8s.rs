@@ -154,20 +154,24 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         .iter()
         .filter_map(|s| parse_cidr_sloppy(s))
         .collect();
-    let lb_ips = svc
+    let mut lb_ips = Vec::new();
+    let mut lb_proxy_ips = Vec::new();
+    for ingress in svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| {
-            ingress
-                .iter()
-                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|i| i.ip.as_deref())
-                .filter_map(|ip| parse_ip_sloppy(ip.trim()))
-                .collect()
-        })
-        .unwrap_or_default();
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default()
+    {
+        let Some(ip) = ingress.ip.as_deref().and_then(|ip| parse_ip_sloppy(ip.trim())) else {
+            continue;
+        };
+        if ingress.ip_mode.as_deref() == Some("Proxy") {
+            lb_proxy_ips.push(ip);
+        } else {
+            lb_ips.push(ip);
+        }
+    }
 
     // Upstream compares the raw type here: a Service without a type is not "ClusterIP".
     let externally_accessible_by_type = matches!(
@@ -202,6 +206,7 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         cluster_ips,
         external_ips,
         lb_ips,
+        lb_proxy_ips,
         source_ranges,
         external_policy_local,
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

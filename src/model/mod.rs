@@ -194,6 +194,9 @@ pub struct Service {
     pub external_ips: Vec<IpAddr>,
     /// Load-balancer ingress IPs, minus `ipMode: Proxy` entries.
     pub lb_ips: Vec<IpAddr>,
+    /// Load-balancer ingress IPs with `ipMode: Proxy` (used only when the
+    /// LoadBalancerIPMode gate is off).
+    pub lb_proxy_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` that parsed, canonical.
     pub source_ranges: Vec<IpNet>,
     /// externalTrafficPolicy Local on an externally accessible service.
@@ -289,7 +292,7 @@ impl NodeInfo {
 }
 
 /// One endpoint of one service port, for one family, after merging the slices.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// Endpoint IP.
     pub ip: IpAddr,
@@ -325,7 +328,7 @@ pub fn join_host_port(ip: &IpAddr, port: u16) -> String {
 }
 
 /// One service port for one family, with everything the renderers need.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     /// Its name.
     pub name: ServicePortName,

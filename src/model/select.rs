@@ -10,7 +10,7 @@ use super::{Endpoint, ServicePort};
 
 /// The outcome of endpoint selection for one service port; lists hold indices into the
 /// port's sorted endpoint list, in that order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Selection {
     /// Endpoints for cluster-policy traffic.
     pub cluster: Vec<usize>,

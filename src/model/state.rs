@@ -25,6 +25,8 @@ pub struct ClusterState {
     slice_owner: BTreeMap<ObjectKey, ObjectKey>,
     node: Option<NodeInfo>,
     service_cidrs: BTreeMap<String, Vec<IpNet>>,
+    /// Feature gate LoadBalancerIPMode turned off: `ipMode: Proxy` ingress IPs are VIPs too.
+    ignore_lb_ip_mode: bool,
 }
 
 /// The node-specific inputs of endpoint selection.
@@ -39,7 +41,7 @@ pub struct NodeContext {
 }
 
 /// One service port with its endpoints and their selection, for one family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PortPlan {
     /// The service port.
     pub svc: ServicePort,
@@ -94,6 +96,11 @@ impl ClusterState {
     /// An empty state.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Turns the LoadBalancerIPMode feature gate off (on by default, GA since 1.32).
+    pub fn set_lb_ip_mode_gate(&mut self, enabled: bool) {
+        self.ignore_lb_ip_mode = !enabled;
     }
 
     /// Adds or replaces a Service. A Service that is ignored or invalid is removed from
@@ -275,6 +282,7 @@ impl ClusterState {
                     lb_ips: svc
                         .lb_ips
                         .iter()
+                        .chain(svc.lb_proxy_ips.iter().filter(|_| self.ignore_lb_ip_mode))
                         .filter(|ip| family.contains(ip))
                         .copied()
                         .collect(),
