@@ -491,12 +491,16 @@ impl Config {
 
     fn validate_into(&self, problems: &mut Vec<String>) {
         if self.masquerade_bit > 31 {
-            problems.push(format!("masqueradeBit {} is not in 0-31", self.masquerade_bit));
+            problems.push(format!(
+                "masqueradeBit {} is not in 0-31",
+                self.masquerade_bit
+            ));
         }
         if self.detect_local_mode == DetectLocalMode::BridgeInterface
             && self.bridge_interface.is_empty()
         {
-            problems.push("detectLocalMode BridgeInterface needs detectLocal.bridgeInterface".into());
+            problems
+                .push("detectLocalMode BridgeInterface needs detectLocal.bridgeInterface".into());
         }
         if self.detect_local_mode == DetectLocalMode::InterfaceNamePrefix
             && self.interface_name_prefix.is_empty()
@@ -515,7 +519,8 @@ impl Config {
         for a in &self.nodeport_addresses {
             if a == "primary" {
                 if self.nodeport_addresses.len() > 1 {
-                    problems.push("nodePortAddresses \"primary\" cannot be combined with CIDRs".into());
+                    problems
+                        .push("nodePortAddresses \"primary\" cannot be combined with CIDRs".into());
                 }
             } else if parse_cidr_sloppy(a).is_none() {
                 problems.push(format!("nodePortAddresses entry {a:?} is not a CIDR"));
@@ -698,7 +703,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("ipvs") && err.contains("banana") && err.contains("40"), "{err}");
+        assert!(
+            err.contains("ipvs") && err.contains("banana") && err.contains("40"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -707,10 +715,15 @@ mod tests {
             nodeport_addresses: vec!["192.168.0.0/24".into(), "2001:db8::/64".into()],
             ..Config::default()
         };
-        let addrs: Vec<IpNet> = ["127.0.0.1/8", "192.168.0.2/24", "192.168.1.2/24", "2001:db8::1/64"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let addrs: Vec<IpNet> = [
+            "127.0.0.1/8",
+            "192.168.0.2/24",
+            "192.168.1.2/24",
+            "2001:db8::1/64",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         let s = cfg.family_settings(IpFamily::V4, "n", None, &addrs);
         assert_eq!(
             s.nodeport_addresses,

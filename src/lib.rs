@@ -4,6 +4,7 @@
 //! a per-family [`model::ProxyState`] is derived from it; the renderers turn that into
 //! rules (pure data); only the appliers touch the kernel.
 
+pub mod cli;
 pub mod config;
 pub mod iptables;
 pub mod model;

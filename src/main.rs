@@ -1,1 +1,60 @@
-fn main() {}
+//! The `kproxy` command: parses flags and dispatches; the work lives in the library.
+
+use clap::{Parser, Subcommand};
+use kproxy::cli::{self, CliError};
+
+#[derive(Debug, Parser)]
+#[command(name = "kproxy", version, about = "A Rust replacement for kube-proxy")]
+struct Cli {
+    /// Log verbosity, as upstream's -v (0 = warnings and errors only).
+    #[arg(short = 'v', long = "v", global = true, default_value_t = 0)]
+    verbosity: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the rules upstream kube-proxy would write for a cluster snapshot (dry run).
+    Render(cli::render::RenderArgs),
+    /// Print the version.
+    Version,
+}
+
+fn init_logging(verbosity: u8) {
+    let level = match verbosity {
+        0 => "warn",
+        1 | 2 => "info",
+        3 | 4 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let args = match Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    init_logging(args.verbosity);
+    let result: Result<(), CliError> = match &args.command {
+        Command::Render(a) => cli::render::run(a),
+        Command::Version => {
+            println!("kproxy {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("kproxy: {e}");
+        std::process::exit(e.code);
+    }
+}

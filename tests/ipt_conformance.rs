@@ -105,7 +105,10 @@ fn state_for(dir: &Path, cfg: &Value) -> (ClusterState, NodeContext) {
     );
     let mut state = snap.state;
     let gates = cfg.get("feature_gates");
-    if let Some(g) = gates.and_then(|g| g.get("LoadBalancerIPMode")).and_then(Value::as_bool) {
+    if let Some(g) = gates
+        .and_then(|g| g.get("LoadBalancerIPMode"))
+        .and_then(Value::as_bool)
+    {
         state.set_lb_ip_mode_gate(g);
     }
     let node = NodeContext {
@@ -148,8 +151,12 @@ fn render(
 }
 
 fn assert_same(dir: &Path, expected: &str, actual_payload: &str) {
-    let actual = normalize(actual_payload)
-        .unwrap_or_else(|e| panic!("{}: our output does not parse: {e}\n{actual_payload}", dir.display()));
+    let actual = normalize(actual_payload).unwrap_or_else(|e| {
+        panic!(
+            "{}: our output does not parse: {e}\n{actual_payload}",
+            dir.display()
+        )
+    });
     let expected = expected.trim_start_matches([' ', '\t', '\n']);
     if actual != expected {
         panic!(
@@ -240,7 +247,10 @@ fn single_chain_vectors() {
 
 #[test]
 fn sync_proxy_rules_repeated_sequence() {
-    let steps: Vec<PathBuf> = vector_dirs().into_iter().filter(|d| is_sequence(d)).collect();
+    let steps: Vec<PathBuf> = vector_dirs()
+        .into_iter()
+        .filter(|d| is_sequence(d))
+        .collect();
     assert!(steps.len() >= 9, "sequence steps missing: {}", steps.len());
     let first_cfg = yaml(&steps[0].join("config.yaml"));
     let mut renderer = Renderer::new(settings_for(&first_cfg));
@@ -284,8 +294,12 @@ fn load_balancer_ip_mode_vectors() {
         let cfg = yaml(&dir.join("config.yaml"));
         let renderer = Renderer::new(settings_for(&cfg));
         let out = render(&renderer, &dir, &cfg, true, None);
-        let rules = chain_rules(&out.payload, s(&a, "table").unwrap(), s(&a, "chain").unwrap())
-            .unwrap();
+        let rules = chain_rules(
+            &out.payload,
+            s(&a, "table").unwrap(),
+            s(&a, "chain").unwrap(),
+        )
+        .unwrap();
         let pred = s(&a, "predicate").unwrap();
         let ip = pred.rsplit(' ').next().unwrap();
         let present = rules
@@ -353,12 +367,23 @@ fn large_cluster_mode_vector() {
                 large_cluster_cleanup_due: cleanup_due,
             },
         );
-        let large = step.get("large_cluster_mode").and_then(Value::as_bool).unwrap();
+        let large = step
+            .get("large_cluster_mode")
+            .and_then(Value::as_bool)
+            .unwrap();
         assert_eq!(out.large_cluster, large);
         let lines = dnat(&out.payload);
         for (k, v) in expect.as_object().unwrap() {
-            if let Some(sub) = k.strip_prefix("line_matching(\"").and_then(|k| k.strip_suffix("\")")) {
-                let got = lines.iter().rev().find(|l| l.contains(sub)).cloned().unwrap_or_default();
+            if let Some(sub) = k
+                .strip_prefix("line_matching(\"")
+                .and_then(|k| k.strip_suffix("\")"))
+            {
+                let got = lines
+                    .iter()
+                    .rev()
+                    .find(|l| l.contains(sub))
+                    .cloned()
+                    .unwrap_or_default();
                 assert_eq!(got, v.as_str().unwrap_or_default(), "{k}");
             } else if k == "count(dnat_lines)" {
                 assert_eq!(lines.len() as u64, v.as_u64().unwrap(), "{k}");
@@ -368,7 +393,10 @@ fn large_cluster_mode_vector() {
                     Value::Number(n) => assert_eq!(with as u64, n.as_u64().unwrap(), "{k}"),
                     _ => assert_eq!(with, lines.len(), "{k}"),
                 }
-            } else if let Some(chain) = k.strip_prefix("contains(\"").and_then(|k| k.strip_suffix("\")")) {
+            } else if let Some(chain) = k
+                .strip_prefix("contains(\"")
+                .and_then(|k| k.strip_suffix("\")"))
+            {
                 assert_eq!(
                     out.payload.lines().any(|l| l == chain),
                     v.as_bool().unwrap(),
@@ -378,12 +406,20 @@ fn large_cluster_mode_vector() {
             } else if k == "restore_input_contains" {
                 for want in v.as_array().unwrap() {
                     let want = want.as_str().unwrap();
-                    assert!(out.payload.lines().any(|l| l == want), "missing {want}\n{}", out.payload);
+                    assert!(
+                        out.payload.lines().any(|l| l == want),
+                        "missing {want}\n{}",
+                        out.payload
+                    );
                 }
             } else if k == "restore_input_does_not_contain" {
                 for bad in v.as_array().unwrap() {
                     let bad = bad.as_str().unwrap();
-                    assert!(!out.payload.contains(bad), "unexpected {bad}\n{}", out.payload);
+                    assert!(
+                        !out.payload.contains(bad),
+                        "unexpected {bad}\n{}",
+                        out.payload
+                    );
                 }
             }
         }

@@ -5,8 +5,13 @@ use sha2::{Digest, Sha256};
 use crate::model::{Endpoint, ServicePortName};
 
 /// Prefixes of per-service chains; a chain with one of these is ours to delete when stale.
-pub const SERVICE_CHAIN_PREFIXES: [&str; 5] =
-    ["KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-FW-", "KUBE-EXT-"];
+pub const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-SEP-",
+    "KUBE-FW-",
+    "KUBE-EXT-",
+];
 
 /// Whether `chain` is one of kproxy's (and upstream's) per-service chains.
 pub fn is_service_chain(chain: &str) -> bool {
@@ -88,9 +93,18 @@ mod tests {
 
     #[test]
     fn upstream_examples() {
-        assert_eq!(PortChains::new(&spn("ns1", "svc1", "p80")).svc, "KUBE-SVC-XPGD46QRK7WJZT7O");
-        assert_eq!(PortChains::new(&spn("ns5", "svc5", "p80")).fw, "KUBE-FW-NUKIZ6OKUXPJNT4C");
-        assert_eq!(PortChains::new(&spn("ns1", "svc1", "")).svc, "KUBE-SVC-AQI2S6QIMU7PVVRP");
+        assert_eq!(
+            PortChains::new(&spn("ns1", "svc1", "p80")).svc,
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
+        assert_eq!(
+            PortChains::new(&spn("ns5", "svc5", "p80")).fw,
+            "KUBE-FW-NUKIZ6OKUXPJNT4C"
+        );
+        assert_eq!(
+            PortChains::new(&spn("ns1", "svc1", "")).svc,
+            "KUBE-SVC-AQI2S6QIMU7PVVRP"
+        );
         assert_eq!(
             endpoint_chain(&spn("ns1", "svc1", "p80"), &ep("10.180.0.1", 80)),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"

@@ -219,7 +219,8 @@ fn chain_rank(name: &str) -> (u8, &str) {
 pub fn normalize_tables(tables: &mut [Table]) {
     tables.sort_by(|a, b| a.name.cmp(&b.name));
     for t in tables.iter_mut() {
-        t.chains.sort_by(|a, b| chain_rank(&a.name).cmp(&chain_rank(&b.name)));
+        t.chains
+            .sort_by(|a, b| chain_rank(&a.name).cmp(&chain_rank(&b.name)));
         let is_nat = t.name == "nat";
         let is_filter = t.name == "filter";
         for c in t.chains.iter_mut() {

@@ -180,7 +180,9 @@ impl Renderer {
                     AppliedService {
                         fingerprint,
                         chains,
-                        nat_lines: w.nat_rule_lines - nat_before - w.capture_nat_lines_since(nat_before),
+                        nat_lines: w.nat_rule_lines
+                            - nat_before
+                            - w.capture_nat_lines_since(nat_before),
                     }
                 }
             };
@@ -300,7 +302,12 @@ impl<'s> Writer<'s> {
                 "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP".to_string(),
             );
         }
-        for c in [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ] {
+        for c in [
+            KUBE_SERVICES,
+            KUBE_NODEPORTS,
+            KUBE_POSTROUTING,
+            KUBE_MARK_MASQ,
+        ] {
             w.nat_chain(c);
         }
         let m = &s.mark_text;
@@ -343,7 +350,10 @@ impl<'s> Writer<'s> {
     }
 
     fn capture_nat_lines_since(&self, since: usize) -> usize {
-        self.capture_nat_lines.iter().filter(|&&n| n > since).count()
+        self.capture_nat_lines
+            .iter()
+            .filter(|&&n| n > since)
+            .count()
     }
 
     fn pm(proto: &str) -> String {

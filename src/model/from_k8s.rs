@@ -83,10 +83,7 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     {
         return Err(SkipReason::Ignored("handled by another service proxy"));
     }
-    let spec = svc
-        .spec
-        .as_ref()
-        .ok_or(SkipReason::Ignored("no spec"))?;
+    let spec = svc.spec.as_ref().ok_or(SkipReason::Ignored("no spec"))?;
     let service_type = match spec.type_.as_deref() {
         None | Some("") => ServiceType::Unset,
         Some("ClusterIP") => ServiceType::ClusterIp,
@@ -107,7 +104,10 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     for raw in raw_ips {
         let ip = parse_ip_sloppy(raw)
             .ok_or_else(|| invalid(format!("spec.clusterIPs entry {raw:?} is not an IP")))?;
-        if !cluster_ips.iter().any(|c| IpFamily::of(c) == IpFamily::of(&ip)) {
+        if !cluster_ips
+            .iter()
+            .any(|c| IpFamily::of(c) == IpFamily::of(&ip))
+        {
             cluster_ips.push(ip);
         }
     }
@@ -163,7 +163,11 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         .and_then(|lb| lb.ingress.as_deref())
         .unwrap_or_default()
     {
-        let Some(ip) = ingress.ip.as_deref().and_then(|ip| parse_ip_sloppy(ip.trim())) else {
+        let Some(ip) = ingress
+            .ip
+            .as_deref()
+            .and_then(|ip| parse_ip_sloppy(ip.trim()))
+        else {
             continue;
         };
         if ingress.ip_mode.as_deref() == Some("Proxy") {
@@ -179,15 +183,14 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         ServiceType::LoadBalancer | ServiceType::NodePort
     ) || (service_type == ServiceType::ClusterIp
         && !spec.external_ips.as_deref().unwrap_or_default().is_empty());
-    let external_policy_local = externally_accessible_by_type
-        && spec.external_traffic_policy.as_deref() == Some("Local");
-    let health_check_node_port = if service_type == ServiceType::LoadBalancer
-        && external_policy_local
-    {
-        opt_port_u16(spec.health_check_node_port, "healthCheckNodePort")?
-    } else {
-        0
-    };
+    let external_policy_local =
+        externally_accessible_by_type && spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port =
+        if service_type == ServiceType::LoadBalancer && external_policy_local {
+            opt_port_u16(spec.health_check_node_port, "healthCheckNodePort")?
+        } else {
+            0
+        };
     let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t = spec
             .session_affinity_config

@@ -141,7 +141,12 @@ pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], topo: &Topology<'_>
         sel.all_reachable = sel.cluster.clone();
         return sel;
     }
-    let mut all: Vec<usize> = sel.cluster.iter().chain(sel.local.iter()).copied().collect();
+    let mut all: Vec<usize> = sel
+        .cluster
+        .iter()
+        .chain(sel.local.iter())
+        .copied()
+        .collect();
     all.sort_unstable();
     all.dedup();
     sel.all_reachable = all;
@@ -195,11 +200,17 @@ mod tests {
 
     #[test]
     fn cluster_prefers_ready_then_terminating() {
-        let eps = vec![ep(1, false, true, true, false), ep(2, true, true, false, false)];
+        let eps = vec![
+            ep(1, false, true, true, false),
+            ep(2, true, true, false, false),
+        ];
         let s = categorize(&svc(false, false, 0), &eps, &TOPO);
         assert_eq!(s.cluster, vec![1]);
         assert!(s.has_any);
-        let eps = vec![ep(1, false, true, true, false), ep(2, false, false, true, false)];
+        let eps = vec![
+            ep(1, false, true, true, false),
+            ep(2, false, false, true, false),
+        ];
         let s = categorize(&svc(false, false, 0), &eps, &TOPO);
         assert_eq!(s.cluster, vec![0]);
         assert_eq!(s.all_reachable, vec![0]);
@@ -207,7 +218,10 @@ mod tests {
 
     #[test]
     fn etp_local_uses_local_terminating_and_unions() {
-        let eps = vec![ep(1, true, true, false, false), ep(2, false, true, true, true)];
+        let eps = vec![
+            ep(1, true, true, false, false),
+            ep(2, false, true, true, true),
+        ];
         let s = categorize(&svc(false, true, 30000), &eps, &TOPO);
         assert_eq!(s.cluster, vec![0]);
         assert_eq!(s.local, vec![1]);

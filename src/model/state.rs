@@ -10,8 +10,7 @@ use k8s_openapi::api::networking::v1 as networking;
 use super::from_k8s::{self, SkipReason};
 use super::select::{categorize, Selection, Topology};
 use super::{
-    Endpoint, EndpointSlice, IpFamily, NodeInfo, ObjectKey, Service, ServicePort,
-    ServicePortName,
+    Endpoint, EndpointSlice, IpFamily, NodeInfo, ObjectKey, Service, ServicePort, ServicePortName,
 };
 
 /// Everything the proxy knows about the cluster: compact, keyed, no full objects.
@@ -69,7 +68,10 @@ impl PortPlan {
 
     /// Every endpoint some traffic can reach.
     pub fn reachable_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.selection.all_reachable.iter().map(|&i| &self.endpoints[i])
+        self.selection
+            .all_reachable
+            .iter()
+            .map(|&i| &self.endpoints[i])
     }
 }
 
