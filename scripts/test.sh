@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every kproxy test. Installs the system packages the tests need (Debian), so it
+# works on a clean machine; network-namespace and kernel tests need root (CI is root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iptables nftables conntrack libnftnl-dev libmnl-dev pkg-config iproute2)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "== missing packages (need root to install): ${missing[*]}" >&2
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo test"
+# Kernel and dataplane tests create their own uniquely named network namespaces.
+log=$(mktemp)
+set +e
+cargo test --all-targets --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+ignored=$(grep -Eo '[0-9]+ ignored' "$log" | awk '{s+=$1} END {print s+0}')
+echo "${passed} passed, ${failed} failed, ${ignored} skipped"
+exit "$status"
