@@ -1,0 +1,3 @@
+//! Packet tracers: explain where a packet goes through the rendered rules.
+
+pub mod iptables;
