@@ -254,8 +254,10 @@ impl Ruleset {
             // kube-proxy's jump from the built-in chain lives outside its payload.
             t.run("nat", "KUBE-SERVICES", &pkt);
         }
+        // The filter chains see the DNATed destination. Upstream's tracer rewrites only
+        // IPv4 destinations; its IPv6 expectations depend on that, so do the same.
         if let Some(first) = t.out.outputs.first() {
-            if let Some(ip) = destination_ip(first) {
+            if let Some(ip @ IpAddr::V4(_)) = destination_ip(first) {
                 pkt.dst = ip;
             }
         }
