@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod iptables;
 pub mod model;
+pub mod nftables;
 pub mod snapshot;
 pub mod trace;

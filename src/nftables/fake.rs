@@ -1,0 +1,288 @@
+//! An in-memory nftables table that applies transactions with the kernel's semantics
+//! (atomic, all-or-nothing, the same idempotency and error rules), for tests and for
+//! checking that incremental syncs converge to what a full sync builds.
+
+use std::collections::BTreeMap;
+
+use super::text::{element_body, op_line, rule_body};
+use super::transaction::{Chain, Element, Expr, Family, Op, Rule, Set, Transaction, Verdict};
+
+/// Why a transaction was refused (nothing was changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("operation {index} ({op}): {reason}")]
+pub struct FakeError {
+    /// 0-based index of the failing operation.
+    pub index: usize,
+    /// The operation in nft syntax.
+    pub op: String,
+    /// Why.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct FakeChain {
+    def: Option<Chain>,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FakeSet {
+    def: Set,
+    elements: BTreeMap<String, Element>,
+}
+
+/// The state of one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fake {
+    family: Option<Family>,
+    name: String,
+    comment: Option<String>,
+    exists: bool,
+    chains: BTreeMap<String, FakeChain>,
+    sets: BTreeMap<String, FakeSet>,
+}
+
+impl Fake {
+    /// An empty (absent) table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the table exists.
+    pub fn exists(&self) -> bool {
+        self.exists
+    }
+
+    /// Names of existing chains.
+    pub fn chain_names(&self) -> Vec<String> {
+        self.chains.keys().cloned().collect()
+    }
+
+    /// Names of existing sets and maps.
+    pub fn set_names(&self) -> Vec<String> {
+        self.sets.keys().cloned().collect()
+    }
+
+    /// Elements of a set or map.
+    pub fn elements(&self, set: &str) -> Vec<Element> {
+        self.sets
+            .get(set)
+            .map(|s| s.elements.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Rules of a chain.
+    pub fn rules(&self, chain: &str) -> Vec<Rule> {
+        self.chains
+            .get(chain)
+            .map(|c| c.rules.clone())
+            .unwrap_or_default()
+    }
+
+    /// Applies a transaction atomically.
+    pub fn apply(&mut self, tx: &Transaction) -> Result<(), FakeError> {
+        let mut next = self.clone();
+        for (i, op) in tx.ops.iter().enumerate() {
+            next.apply_op(tx, op).map_err(|reason| FakeError {
+                index: i,
+                op: op_line(tx.family, &tx.table, op),
+                reason,
+            })?;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn referenced_chains(r: &Rule) -> Vec<&str> {
+        let mut out = Vec::new();
+        for e in &r.exprs {
+            match e {
+                Expr::Verdict(Verdict::Jump(c) | Verdict::Goto(c)) => out.push(c.as_str()),
+                Expr::NumgenVmap { targets } => {
+                    for t in targets {
+                        if let Verdict::Jump(c) | Verdict::Goto(c) = t {
+                            out.push(c.as_str());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn referenced_sets(r: &Rule) -> Vec<&str> {
+        let mut out = Vec::new();
+        for e in &r.exprs {
+            match e {
+                Expr::Addr {
+                    value: super::transaction::AddrMatch::Set(s),
+                    ..
+                } => out.push(s.as_str()),
+                Expr::Vmap { map, .. } => out.push(map.as_str()),
+                Expr::UpdateSaddr { set } => out.push(set.as_str()),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn chain_in_use(&self, name: &str) -> bool {
+        self.chains
+            .values()
+            .flat_map(|c| c.rules.iter())
+            .any(|r| Self::referenced_chains(r).contains(&name))
+            || self
+                .sets
+                .values()
+                .flat_map(|s| s.elements.values())
+                .any(|e| matches!(&e.value, Some(Verdict::Jump(c) | Verdict::Goto(c)) if c == name))
+    }
+
+    fn apply_op(&mut self, tx: &Transaction, op: &Op) -> Result<(), String> {
+        if !self.exists && !matches!(op, Op::AddTable { .. }) {
+            return Err("no such table".into());
+        }
+        match op {
+            Op::AddTable { comment } => {
+                if !self.exists {
+                    self.exists = true;
+                    self.family = Some(tx.family);
+                    self.name = tx.table.clone();
+                    self.comment = comment.clone();
+                }
+            }
+            Op::DeleteTable => *self = Fake::default(),
+            Op::AddChain(c) => {
+                let entry = self.chains.entry(c.name.clone()).or_default();
+                match &entry.def {
+                    Some(old) if old.base != c.base => {
+                        return Err("chain exists with other hook/priority".into())
+                    }
+                    _ => entry.def = Some(c.clone()),
+                }
+            }
+            Op::FlushChain(n) => {
+                self.chains.get_mut(n).ok_or("no such chain")?.rules.clear();
+            }
+            Op::DeleteChain(n) => {
+                if !self.chains.contains_key(n) {
+                    return Err("no such chain".into());
+                }
+                if self.chain_in_use(n) {
+                    return Err("chain is still referenced".into());
+                }
+                self.chains.remove(n);
+            }
+            Op::AddRule(r) => {
+                for c in Self::referenced_chains(r) {
+                    if !self.chains.contains_key(c) {
+                        return Err(format!("jump to missing chain {c}"));
+                    }
+                }
+                for s in Self::referenced_sets(r) {
+                    if !self.sets.contains_key(s) {
+                        return Err(format!("missing set {s}"));
+                    }
+                }
+                self.chains
+                    .get_mut(&r.chain)
+                    .ok_or("no such chain")?
+                    .rules
+                    .push(r.clone());
+            }
+            Op::AddSet(s) => {
+                if let Some(old) = self.sets.get(&s.name) {
+                    if old.def.key != s.key || old.def.value != s.value {
+                        return Err("set exists with another type".into());
+                    }
+                } else {
+                    self.sets.insert(
+                        s.name.clone(),
+                        FakeSet {
+                            def: s.clone(),
+                            elements: BTreeMap::new(),
+                        },
+                    );
+                }
+            }
+            Op::FlushSet { name, .. } => {
+                self.sets
+                    .get_mut(name)
+                    .ok_or("no such set")?
+                    .elements
+                    .clear();
+            }
+            Op::DeleteSet { name, .. } => {
+                let in_use = self
+                    .chains
+                    .values()
+                    .flat_map(|c| c.rules.iter())
+                    .any(|r| Self::referenced_sets(r).contains(&name.as_str()));
+                if in_use {
+                    return Err("set is still referenced".into());
+                }
+                self.sets.remove(name).ok_or("no such set")?;
+            }
+            Op::AddElement(e) => {
+                if let Some(Verdict::Jump(c) | Verdict::Goto(c)) = &e.value {
+                    if !self.chains.contains_key(c) {
+                        return Err(format!("element points at missing chain {c}"));
+                    }
+                }
+                let set = self.sets.get_mut(&e.set).ok_or("no such set")?;
+                set.elements.insert(e.key_text(), e.clone());
+            }
+            Op::DeleteElement(e) => {
+                let set = self.sets.get_mut(&e.set).ok_or("no such set")?;
+                set.elements
+                    .remove(&e.key_text())
+                    .ok_or("no such element")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The table's content as `add …` lines (table, chains, sets, maps, rules, elements).
+    pub fn dump(&self) -> String {
+        let Some(f) = self.family.filter(|_| self.exists) else {
+            return String::new();
+        };
+        let ft = format!("{} {}", f.as_str(), self.name);
+        let mut out = String::new();
+        out.push_str(&op_line(
+            f,
+            &self.name,
+            &Op::AddTable {
+                comment: self.comment.clone(),
+            },
+        ));
+        out.push('\n');
+        for c in self.chains.values() {
+            if let Some(def) = &c.def {
+                out.push_str(&op_line(f, &self.name, &Op::AddChain(def.clone())));
+                out.push('\n');
+            }
+        }
+        for maps in [false, true] {
+            for s in self.sets.values().filter(|s| s.def.is_map == maps) {
+                out.push_str(&op_line(f, &self.name, &Op::AddSet(s.def.clone())));
+                out.push('\n');
+            }
+        }
+        for (name, c) in &self.chains {
+            for r in &c.rules {
+                out.push_str(&format!("add rule {ft} {name} {}\n", rule_body(f, r)));
+            }
+        }
+        for (name, s) in &self.sets {
+            for e in s.elements.values() {
+                out.push_str(&format!(
+                    "add element {ft} {name} {}\n",
+                    element_body(e, true)
+                ));
+            }
+        }
+        out
+    }
+}

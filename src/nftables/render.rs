@@ -1,0 +1,1086 @@
+//! Cluster state -> nftables transaction for upstream's `kube-proxy` table, full and
+//! incremental.
+//!
+//! Rendering is pure. The renderer remembers what the kernel holds after each
+//! successful apply ([`NftRenderer::commit`]); an incremental sync rewrites the chains
+//! of exactly the Services whose desired content differs from that record and diffs
+//! map elements against it, so a sync costs O(changes). Stale per-service chains are
+//! flushed at once and deleted by a separate, later transaction (upstream's rule: the
+//! kernel may not yet have dropped the reference from a just-deleted map element).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::names::{endpoint_base, is_service_chain, service_base};
+use super::transaction::{
+    AddrMatch, BaseChain, Chain, ChainType, DataType, Element, Expr, Family, Field, Hook, KeyValue,
+    Op, Rule, Set, SetFlag, Transaction, Verdict,
+};
+use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
+use crate::model::{IpFamily, ObjectKey, PortPlan, ProxyState};
+
+/// The table kproxy owns in each family (upstream's name, so it takes over in place).
+pub const TABLE: &str = "kube-proxy";
+const TABLE_COMMENT: &str = "rules for kube-proxy";
+
+const CLUSTER_IPS: &str = "cluster-ips";
+const NODEPORT_IPS: &str = "nodeport-ips";
+const SERVICE_IPS: &str = "service-ips";
+const SERVICE_NODEPORTS: &str = "service-nodeports";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const FIREWALL_IPS: &str = "firewall-ips";
+const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+const REJECT_CHAIN: &str = "reject-chain";
+
+/// The containers whose elements the renderer manages (affinity sets are filled by the
+/// packet path and are not).
+const MANAGED: [&str; 6] = [
+    CLUSTER_IPS,
+    SERVICE_IPS,
+    FIREWALL_IPS,
+    NO_ENDPOINT_SERVICES,
+    NO_ENDPOINT_NODEPORTS,
+    SERVICE_NODEPORTS,
+];
+
+/// How long a flushed stale chain waits before it is deleted.
+pub const STALE_CHAIN_DELAY_MS: u64 = 1000;
+
+/// What is in the kernel's table, read back over netlink (for a full sync that takes
+/// over an existing table, or after a restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// Chain names.
+    pub chains: BTreeSet<String>,
+    /// Set and map names.
+    pub sets: BTreeSet<String>,
+    /// Elements of the managed maps and sets.
+    pub elements: Vec<Element>,
+}
+
+/// Per-sync inputs besides the cluster state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderOptions<'a> {
+    /// Rewrite everything (forced anyway when nothing was applied yet or after a failure).
+    pub full: bool,
+    /// A monotonic clock in milliseconds, for stale-chain ageing.
+    pub now_ms: u64,
+    /// The kernel's table as read back, if the caller has it.
+    pub existing: Option<&'a Existing>,
+}
+
+/// A rendered sync: an optional clean-up transaction (deleting aged stale chains) to
+/// apply first, then the main transaction.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// Deletes stale chains flushed at least a second ago.
+    pub cleanup: Option<Transaction>,
+    /// The sync itself.
+    pub main: Transaction,
+    /// Whether this is a full sync.
+    pub full: bool,
+    /// Chains flushed and marked stale by this sync.
+    pub flushed_stale: Vec<String>,
+    /// Chains the clean-up transaction deletes.
+    pub deleted_stale: Vec<String>,
+    /// Services whose chains this sync rewrites.
+    pub services_written: usize,
+    next: Applied,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    services: Vec<(Arc<ObjectKey>, Arc<AppliedService>)>,
+    /// Elements of the managed containers, by (container, key).
+    mirror: BTreeMap<(String, String), Element>,
+    /// Per-service chains in the kernel (active and stale).
+    chains: BTreeSet<String>,
+    /// Affinity sets in the kernel.
+    affinity_sets: BTreeSet<String>,
+    /// Stale chains and when they were flushed.
+    stale: BTreeMap<String, u64>,
+    service_cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug)]
+struct AppliedService {
+    ports: Vec<Arc<PortPlan>>,
+    chains: Vec<String>,
+    affinity_sets: Vec<String>,
+    elements: Vec<Element>,
+}
+
+/// Renders one family's table and remembers what was last applied.
+#[derive(Debug, Clone)]
+pub struct NftRenderer {
+    settings: FamilySettings,
+    applied: Option<Applied>,
+    force_full: bool,
+}
+
+/// Everything one service port needs.
+struct PortObjects {
+    affinity_sets: Vec<Set>,
+    /// Chains in creation order (endpoints first: the others refer to them).
+    chains: Vec<(Chain, Vec<Rule>)>,
+    elements: Vec<Element>,
+}
+
+impl NftRenderer {
+    /// A renderer that has applied nothing yet.
+    pub fn new(settings: FamilySettings) -> Self {
+        NftRenderer {
+            settings,
+            applied: None,
+            force_full: true,
+        }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &FamilySettings {
+        &self.settings
+    }
+
+    /// The table family.
+    pub fn family(&self) -> Family {
+        Family::of(self.settings.family)
+    }
+
+    /// Whether the next sync must be full.
+    pub fn needs_full_sync(&self) -> bool {
+        self.force_full || self.applied.is_none()
+    }
+
+    /// Call after a failed apply: the kernel still holds what was last committed (a
+    /// transaction is all-or-nothing), but the next sync is full to be safe.
+    pub fn invalidate(&mut self) {
+        self.force_full = true;
+    }
+
+    /// Records that `rendered` (clean-up and main) was accepted by the kernel.
+    pub fn commit(&mut self, rendered: Rendered) {
+        self.applied = Some(rendered.next);
+        self.force_full = false;
+    }
+
+    /// Stale chains waiting for deletion.
+    pub fn stale_chains(&self) -> Vec<String> {
+        self.applied
+            .iter()
+            .flat_map(|a| a.stale.keys().cloned())
+            .collect()
+    }
+
+    fn addr_type(&self) -> DataType {
+        DataType::addr(self.family())
+    }
+
+    fn chain(name: &str) -> Chain {
+        Chain {
+            name: name.to_string(),
+            base: None,
+            comment: None,
+        }
+    }
+
+    fn rule(chain: &str, exprs: Vec<Expr>) -> Rule {
+        Rule {
+            chain: chain.to_string(),
+            exprs,
+            comment: None,
+        }
+    }
+
+    fn rule_c(chain: &str, exprs: Vec<Expr>, comment: &str) -> Rule {
+        Rule {
+            chain: chain.to_string(),
+            exprs,
+            comment: Some(comment.to_string()),
+        }
+    }
+
+    fn map(&self, name: &str, key: Vec<DataType>, comment: &str) -> Set {
+        Set {
+            name: name.to_string(),
+            is_map: true,
+            key,
+            value: Some(DataType::Verdict),
+            flags: vec![],
+            timeout: None,
+            comment: Some(comment.to_string()),
+        }
+    }
+
+    fn localhost(&self) -> IpNet {
+        match self.settings.family {
+            IpFamily::V4 => {
+                IpNet::from(ipnet::Ipv4Net::new([127, 0, 0, 0].into(), 8).unwrap_or_default())
+            }
+            IpFamily::V6 => IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        }
+    }
+
+    fn nodeport_ips(&self) -> Option<Vec<IpAddr>> {
+        match &self.settings.nodeport_addresses {
+            NodePortAddresses::All => None,
+            NodePortAddresses::Ips(ips) => Some(
+                ips.iter()
+                    .filter(|ip| self.settings.family.contains(ip) && !ip.is_loopback())
+                    .copied()
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The fixed part of the table (upstream's setup), written on full syncs.
+    fn fixed(&self, tx: &mut Transaction, service_cidrs: &[IpNet]) {
+        let addr = self.addr_type();
+        tx.push(Op::AddTable {
+            comment: Some(TABLE_COMMENT.into()),
+        });
+        let bases: [(&str, ChainType, Hook, i32); 8] = [
+            (
+                "filter-prerouting-pre-dnat",
+                ChainType::Filter,
+                Hook::Prerouting,
+                -110,
+            ),
+            (
+                "filter-output-pre-dnat",
+                ChainType::Filter,
+                Hook::Output,
+                -110,
+            ),
+            ("filter-input", ChainType::Filter, Hook::Input, 0),
+            ("filter-forward", ChainType::Filter, Hook::Forward, 0),
+            ("filter-output", ChainType::Filter, Hook::Output, 0),
+            ("nat-prerouting", ChainType::Nat, Hook::Prerouting, -100),
+            ("nat-output", ChainType::Nat, Hook::Output, -100),
+            ("nat-postrouting", ChainType::Nat, Hook::Postrouting, 100),
+        ];
+        for (name, kind, hook, priority) in bases {
+            tx.push(Op::AddChain(Chain {
+                name: name.into(),
+                base: Some(BaseChain {
+                    kind,
+                    hook,
+                    priority,
+                }),
+                comment: None,
+            }));
+            tx.push(Op::FlushChain(name.into()));
+        }
+        let mut ensured: HashSet<&str> = HashSet::new();
+        let mut ensure = |tx: &mut Transaction, name: &'static str| {
+            if ensured.insert(name) {
+                tx.push(Op::AddChain(Self::chain(name)));
+                tx.push(Op::FlushChain(name.into()));
+            }
+        };
+        let jumps: [(&'static str, &str, bool); 11] = [
+            ("nodeport-endpoints-check", "filter-input", true),
+            ("service-endpoints-check", "filter-input", true),
+            ("service-endpoints-check", "filter-forward", true),
+            ("service-endpoints-check", "filter-output", true),
+            ("firewall-check", "filter-prerouting-pre-dnat", true),
+            ("firewall-check", "filter-output-pre-dnat", true),
+            ("services", "nat-output", false),
+            ("services", "nat-prerouting", false),
+            ("masquerading", "nat-postrouting", false),
+            ("cluster-ips-check", "filter-forward", true),
+            ("cluster-ips-check", "filter-output", true),
+        ];
+        for (dst, src, new_only) in jumps {
+            ensure(tx, dst);
+            let mut exprs = Vec::new();
+            if new_only {
+                exprs.push(Expr::CtStateNew);
+            }
+            exprs.push(Expr::Verdict(Verdict::Jump(dst.into())));
+            tx.push(Op::AddRule(Self::rule(src, exprs)));
+        }
+        for name in [
+            "services",
+            "cluster-ips-check",
+            "masquerading",
+            MARK_FOR_MASQUERADE,
+        ] {
+            ensure(tx, name);
+        }
+        let mark = self.settings.masquerade_mark;
+        tx.push(Op::AddRule(Self::rule(
+            MARK_FOR_MASQUERADE,
+            vec![Expr::MarkOr(mark)],
+        )));
+        tx.push(Op::AddRule(Self::rule(
+            "masquerading",
+            vec![Expr::MarkAndIsZero(mark), Expr::Verdict(Verdict::Return)],
+        )));
+        tx.push(Op::AddRule(Self::rule(
+            "masquerading",
+            vec![Expr::MarkXor(mark)],
+        )));
+        tx.push(Op::AddRule(Self::rule(
+            "masquerading",
+            vec![Expr::Masquerade { fully_random: true }],
+        )));
+        tx.push(Op::AddSet(Set {
+            name: CLUSTER_IPS.into(),
+            is_map: false,
+            key: vec![addr],
+            value: None,
+            flags: vec![],
+            timeout: None,
+            comment: Some("Active ClusterIPs".into()),
+        }));
+        self.cluster_ips_check_rules(tx, service_cidrs);
+        tx.push(Op::AddSet(Set {
+            name: NODEPORT_IPS.into(),
+            is_map: false,
+            key: vec![addr],
+            value: None,
+            flags: vec![],
+            timeout: None,
+            comment: Some("IPs that accept NodePort traffic".into()),
+        }));
+        let nodeport_ips = self.nodeport_ips();
+        match &nodeport_ips {
+            None => tx.push(Op::DeleteSet {
+                name: NODEPORT_IPS.into(),
+                is_map: false,
+            }),
+            Some(ips) => {
+                tx.push(Op::FlushSet {
+                    name: NODEPORT_IPS.into(),
+                    is_map: false,
+                });
+                for ip in ips {
+                    tx.push(Op::AddElement(Element {
+                        set: NODEPORT_IPS.into(),
+                        key: vec![KeyValue::Ip(*ip)],
+                        comment: None,
+                        value: None,
+                    }));
+                }
+            }
+        }
+        let ipp = vec![addr, DataType::InetProto, DataType::InetService];
+        let pp = vec![DataType::InetProto, DataType::InetService];
+        tx.push(Op::AddSet(self.map(
+            NO_ENDPOINT_SERVICES,
+            ipp.clone(),
+            "vmap to drop or reject packets to services with no endpoints",
+        )));
+        tx.push(Op::AddSet(self.map(
+            NO_ENDPOINT_NODEPORTS,
+            pp.clone(),
+            "vmap to drop or reject packets to service nodeports with no endpoints",
+        )));
+        tx.push(Op::AddChain(Chain {
+            name: REJECT_CHAIN.into(),
+            base: None,
+            comment: Some("helper for @no-endpoint-services / @no-endpoint-nodeports".into()),
+        }));
+        tx.push(Op::FlushChain(REJECT_CHAIN.into()));
+        tx.push(Op::AddRule(Self::rule(REJECT_CHAIN, vec![Expr::Reject])));
+        let full_key = vec![Field::Daddr, Field::L4Proto, Field::Dport];
+        let port_key = vec![Field::L4Proto, Field::Dport];
+        tx.push(Op::AddRule(Self::rule(
+            "service-endpoints-check",
+            vec![Expr::Vmap {
+                key: full_key.clone(),
+                map: NO_ENDPOINT_SERVICES.into(),
+            }],
+        )));
+        let nodeport_dst = match &nodeport_ips {
+            Some(_) => Expr::Addr {
+                field: Field::Daddr,
+                negate: false,
+                value: AddrMatch::Set(NODEPORT_IPS.into()),
+            },
+            None => Expr::Addr {
+                field: Field::Daddr,
+                negate: true,
+                value: AddrMatch::Net(self.localhost()),
+            },
+        };
+        tx.push(Op::AddRule(Self::rule(
+            "nodeport-endpoints-check",
+            vec![
+                nodeport_dst.clone(),
+                Expr::Vmap {
+                    key: port_key.clone(),
+                    map: NO_ENDPOINT_NODEPORTS.into(),
+                },
+            ],
+        )));
+        tx.push(Op::AddSet(self.map(
+            FIREWALL_IPS,
+            ipp.clone(),
+            "destinations that are subject to LoadBalancerSourceRanges",
+        )));
+        ensure(tx, "firewall-check");
+        tx.push(Op::AddRule(Self::rule(
+            "firewall-check",
+            vec![Expr::Vmap {
+                key: full_key.clone(),
+                map: FIREWALL_IPS.into(),
+            }],
+        )));
+        tx.push(Op::AddSet(self.map(
+            SERVICE_IPS,
+            ipp,
+            "ClusterIP, ExternalIP and LoadBalancer IP traffic",
+        )));
+        tx.push(Op::AddSet(self.map(
+            SERVICE_NODEPORTS,
+            pp,
+            "NodePort traffic",
+        )));
+        tx.push(Op::AddRule(Self::rule(
+            "services",
+            vec![Expr::Vmap {
+                key: full_key,
+                map: SERVICE_IPS.into(),
+            }],
+        )));
+        let mut np = Vec::new();
+        if nodeport_ips.is_none() {
+            np.push(Expr::FibLocal {
+                field: Field::Daddr,
+            });
+        }
+        np.push(nodeport_dst);
+        np.push(Expr::Vmap {
+            key: port_key,
+            map: SERVICE_NODEPORTS.into(),
+        });
+        tx.push(Op::AddRule(Self::rule("services", np)));
+    }
+
+    fn cluster_ips_check_rules(&self, tx: &mut Transaction, service_cidrs: &[IpNet]) {
+        tx.push(Op::AddRule(Self::rule_c(
+            "cluster-ips-check",
+            vec![
+                Expr::Addr {
+                    field: Field::Daddr,
+                    negate: false,
+                    value: AddrMatch::Set(CLUSTER_IPS.into()),
+                },
+                Expr::Reject,
+            ],
+            "Reject traffic to invalid ports of ClusterIPs",
+        )));
+        if !service_cidrs.is_empty() {
+            tx.push(Op::AddRule(Self::rule_c(
+                "cluster-ips-check",
+                vec![
+                    Expr::Addr {
+                        field: Field::Daddr,
+                        negate: false,
+                        value: AddrMatch::Anon(service_cidrs.to_vec()),
+                    },
+                    Expr::Verdict(Verdict::Drop),
+                ],
+                "Drop traffic to unallocated ClusterIPs",
+            )));
+        }
+    }
+
+    fn not_local(&self) -> Option<Expr> {
+        match &self.settings.local_detector {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(c) => Some(Expr::Addr {
+                field: Field::Saddr,
+                negate: true,
+                value: AddrMatch::Net(*c),
+            }),
+            LocalDetector::Bridge(b) => Some(Expr::Iif {
+                negate: true,
+                name: b.clone(),
+                wildcard: false,
+            }),
+            LocalDetector::InterfacePrefix(p) => Some(Expr::Iif {
+                negate: true,
+                name: p.clone(),
+                wildcard: true,
+            }),
+        }
+    }
+
+    fn is_local(&self) -> Option<Expr> {
+        self.not_local().map(|e| match e {
+            Expr::Addr { field, value, .. } => Expr::Addr {
+                field,
+                negate: false,
+                value,
+            },
+            Expr::Iif { name, wildcard, .. } => Expr::Iif {
+                negate: false,
+                name,
+                wildcard,
+            },
+            other => other,
+        })
+    }
+
+    /// Upstream §4.3: the chains, affinity sets and elements of one service port.
+    fn port_objects(&self, port: &PortPlan) -> PortObjects {
+        let svc = &port.svc;
+        let spn = svc.name.to_string();
+        let proto = svc.name.protocol;
+        let base = service_base(&svc.name);
+        let svc_chain = format!("service-{base}");
+        let loc_chain = format!("local-{base}");
+        let ext_chain = format!("external-{base}");
+        let fw_chain = format!("firewall-{base}");
+        let sel = &port.selection;
+        let has_endpoints = sel.has_any;
+        let local_empty = sel.local.is_empty();
+        let has_internal = has_endpoints && !(svc.internal_policy_local && local_empty);
+        let has_external = has_endpoints && !(svc.external_policy_local && local_empty);
+        let uses_cluster_chain = !sel.cluster.is_empty() && svc.uses_cluster_endpoints();
+        let uses_local_chain = !local_empty && svc.uses_local_endpoints();
+        let uses_ext = has_endpoints && svc.externally_accessible();
+        let uses_fw = !svc.lb_ips.is_empty() && !svc.source_ranges.is_empty();
+        let internal_chain = if svc.internal_policy_local {
+            &loc_chain
+        } else {
+            &svc_chain
+        };
+        let no_ep_verdict = if has_endpoints {
+            Verdict::Drop
+        } else {
+            Verdict::Goto(REJECT_CHAIN.into())
+        };
+
+        let mut objs = PortObjects {
+            affinity_sets: Vec::new(),
+            chains: Vec::new(),
+            elements: Vec::new(),
+        };
+        // Endpoint chains (and affinity sets) for every reachable endpoint.
+        let mut ep_bases: Vec<Option<String>> = vec![None; port.endpoints.len()];
+        for &i in &sel.all_reachable {
+            let ep = &port.endpoints[i];
+            let eb = endpoint_base(&svc.name, ep);
+            let chain = format!("endpoint-{eb}");
+            let mut rules = vec![Self::rule(
+                &chain,
+                vec![
+                    Expr::Addr {
+                        field: Field::Saddr,
+                        negate: false,
+                        value: AddrMatch::Addr(ep.ip),
+                    },
+                    Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                ],
+            )];
+            if let Some(timeout) = svc.affinity_timeout {
+                let set = format!("affinity-{eb}");
+                objs.affinity_sets.push(Set {
+                    name: set.clone(),
+                    is_map: false,
+                    key: vec![self.addr_type()],
+                    value: None,
+                    flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
+                    timeout: Some(timeout),
+                    comment: None,
+                });
+                rules.push(Self::rule(&chain, vec![Expr::UpdateSaddr { set }]));
+            }
+            rules.push(Self::rule(
+                &chain,
+                vec![
+                    Expr::L4Proto(proto),
+                    Expr::Dnat {
+                        addr: ep.ip,
+                        port: ep.port,
+                    },
+                ],
+            ));
+            objs.chains.push((Self::chain(&chain), rules));
+            ep_bases[i] = Some(eb);
+        }
+        let policy_rules = |chain: &str, which: &[usize], masq: Option<Vec<Expr>>| {
+            let mut rules = Vec::new();
+            if let Some(m) = masq {
+                rules.push(Self::rule(chain, m));
+            }
+            if svc.affinity_timeout.is_some() {
+                for &i in which {
+                    let eb = ep_bases[i].clone().unwrap_or_default();
+                    rules.push(Self::rule(
+                        chain,
+                        vec![
+                            Expr::Addr {
+                                field: Field::Saddr,
+                                negate: false,
+                                value: AddrMatch::Set(format!("affinity-{eb}")),
+                            },
+                            Expr::Verdict(Verdict::Goto(format!("endpoint-{eb}"))),
+                        ],
+                    ));
+                }
+            }
+            rules.push(Self::rule(
+                chain,
+                vec![Expr::NumgenVmap {
+                    targets: which
+                        .iter()
+                        .map(|&i| {
+                            Verdict::Goto(format!(
+                                "endpoint-{}",
+                                ep_bases[i].clone().unwrap_or_default()
+                            ))
+                        })
+                        .collect(),
+                }],
+            ));
+            rules
+        };
+        let internal_masq = if has_internal {
+            let dst = Expr::Addr {
+                field: Field::Daddr,
+                negate: false,
+                value: AddrMatch::Addr(svc.cluster_ip),
+            };
+            let jump = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
+            if self.settings.masquerade_all {
+                Some(vec![dst, jump])
+            } else {
+                self.not_local().map(|nl| vec![dst, nl, jump])
+            }
+        } else {
+            None
+        };
+        if uses_cluster_chain {
+            let masq = internal_masq
+                .clone()
+                .filter(|_| *internal_chain == svc_chain);
+            objs.chains.push((
+                Self::chain(&svc_chain),
+                policy_rules(&svc_chain, &sel.cluster, masq),
+            ));
+        }
+        if uses_local_chain {
+            let masq = internal_masq
+                .clone()
+                .filter(|_| *internal_chain == loc_chain);
+            objs.chains.push((
+                Self::chain(&loc_chain),
+                policy_rules(&loc_chain, &sel.local, masq),
+            ));
+        }
+        if uses_ext {
+            let mut rules = Vec::new();
+            let mark = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
+            if !svc.external_policy_local {
+                rules.push(Self::rule(&ext_chain, vec![mark]));
+                if has_external {
+                    rules.push(Self::rule(
+                        &ext_chain,
+                        vec![Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
+                    ));
+                }
+            } else {
+                if let Some(local) = self.is_local() {
+                    rules.push(Self::rule_c(
+                        &ext_chain,
+                        vec![local, Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
+                        "short-circuit pod traffic",
+                    ));
+                }
+                let fib = Expr::FibLocal {
+                    field: Field::Saddr,
+                };
+                rules.push(Self::rule_c(
+                    &ext_chain,
+                    vec![fib.clone(), mark],
+                    "masquerade local traffic",
+                ));
+                rules.push(Self::rule_c(
+                    &ext_chain,
+                    vec![fib, Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
+                    "short-circuit local traffic",
+                ));
+                if has_external {
+                    rules.push(Self::rule(
+                        &ext_chain,
+                        vec![Expr::Verdict(Verdict::Goto(loc_chain.clone()))],
+                    ));
+                }
+            }
+            objs.chains.push((Self::chain(&ext_chain), rules));
+        }
+        if uses_fw {
+            let mut allowed: Vec<IpNet> = svc.source_ranges.clone();
+            // A node that is itself allowed may reach the VIP after being SNATed to it.
+            if self
+                .settings
+                .node_ip
+                .is_some_and(|ip| svc.source_ranges.iter().any(|r| r.contains(&ip)))
+            {
+                allowed.extend(svc.lb_ips.iter().map(|ip| IpNet::from(*ip)));
+            }
+            objs.chains.push((
+                Self::chain(&fw_chain),
+                vec![Self::rule(
+                    &fw_chain,
+                    vec![
+                        Expr::Addr {
+                            field: Field::Saddr,
+                            negate: true,
+                            value: AddrMatch::Anon(allowed),
+                        },
+                        Expr::Verdict(Verdict::Drop),
+                    ],
+                )],
+            ));
+        }
+
+        // Elements.
+        let ipp = |ip: IpAddr| {
+            vec![
+                KeyValue::Ip(ip),
+                KeyValue::Proto(proto),
+                KeyValue::Port(svc.port),
+            ]
+        };
+        let el = |set: &str, key: Vec<KeyValue>, comment: Option<&str>, value: Option<Verdict>| {
+            Element {
+                set: set.to_string(),
+                key,
+                comment: comment.map(str::to_string),
+                value,
+            }
+        };
+        objs.elements.push(el(
+            CLUSTER_IPS,
+            vec![KeyValue::Ip(svc.cluster_ip)],
+            None,
+            None,
+        ));
+        if has_internal {
+            objs.elements.push(el(
+                SERVICE_IPS,
+                ipp(svc.cluster_ip),
+                None,
+                Some(Verdict::Goto(internal_chain.clone())),
+            ));
+        } else {
+            objs.elements.push(el(
+                NO_ENDPOINT_SERVICES,
+                ipp(svc.cluster_ip),
+                Some(&spn),
+                Some(no_ep_verdict.clone()),
+            ));
+        }
+        for ip in &svc.external_ips {
+            if has_endpoints {
+                objs.elements.push(el(
+                    SERVICE_IPS,
+                    ipp(*ip),
+                    None,
+                    Some(Verdict::Goto(ext_chain.clone())),
+                ));
+            }
+            if !has_external {
+                objs.elements.push(el(
+                    NO_ENDPOINT_SERVICES,
+                    ipp(*ip),
+                    Some(&spn),
+                    Some(no_ep_verdict.clone()),
+                ));
+            }
+        }
+        for ip in &svc.lb_ips {
+            if has_endpoints {
+                objs.elements.push(el(
+                    SERVICE_IPS,
+                    ipp(*ip),
+                    None,
+                    Some(Verdict::Goto(ext_chain.clone())),
+                ));
+            }
+            if uses_fw {
+                objs.elements.push(el(
+                    FIREWALL_IPS,
+                    ipp(*ip),
+                    None,
+                    Some(Verdict::Goto(fw_chain.clone())),
+                ));
+            }
+            if !has_external {
+                objs.elements.push(el(
+                    NO_ENDPOINT_SERVICES,
+                    ipp(*ip),
+                    Some(&spn),
+                    Some(no_ep_verdict.clone()),
+                ));
+            }
+        }
+        if svc.node_port != 0 {
+            let key = vec![KeyValue::Proto(proto), KeyValue::Port(svc.node_port)];
+            if has_endpoints {
+                objs.elements.push(el(
+                    SERVICE_NODEPORTS,
+                    key.clone(),
+                    None,
+                    Some(Verdict::Goto(ext_chain.clone())),
+                ));
+            }
+            if !has_external {
+                objs.elements.push(el(
+                    NO_ENDPOINT_NODEPORTS,
+                    key,
+                    Some(&spn),
+                    Some(no_ep_verdict),
+                ));
+            }
+        }
+        objs
+    }
+
+    /// Renders a sync.
+    pub fn render(&self, state: &ProxyState, opts: &RenderOptions<'_>) -> Rendered {
+        let full = opts.full || self.needs_full_sync();
+        let family = self.family();
+        let now = opts.now_ms;
+        let prior = self.applied.as_ref();
+        let previous = prior.filter(|_| !full);
+
+        // What the kernel holds: its own word when read back, else our record.
+        let mut known_chains: BTreeSet<String> = match (opts.existing, prior) {
+            (Some(e), _) => e
+                .chains
+                .iter()
+                .filter(|c| is_service_chain(c))
+                .cloned()
+                .collect(),
+            (None, Some(a)) => a.chains.clone(),
+            (None, None) => BTreeSet::new(),
+        };
+        let known_affinity: BTreeSet<String> = match (opts.existing, prior) {
+            (Some(e), _) => e
+                .sets
+                .iter()
+                .filter(|s| s.starts_with("affinity-"))
+                .cloned()
+                .collect(),
+            (None, Some(a)) => a.affinity_sets.clone(),
+            (None, None) => BTreeSet::new(),
+        };
+        let mut stale: BTreeMap<String, u64> = prior.map(|a| a.stale.clone()).unwrap_or_default();
+
+        // 1. Stale chains flushed long enough ago go in their own transaction, first.
+        let aged: Vec<String> = stale
+            .iter()
+            .filter(|(c, t)| {
+                now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS && known_chains.contains(*c)
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        let cleanup = if aged.is_empty() {
+            None
+        } else {
+            let mut tx = Transaction::new(family, TABLE);
+            for c in &aged {
+                tx.push(Op::DeleteChain(c.clone()));
+                known_chains.remove(c);
+                stale.remove(c);
+            }
+            Some(tx)
+        };
+        // Stale entries the kernel no longer has are forgotten.
+        stale.retain(|c, _| known_chains.contains(c));
+
+        // 2. The main transaction.
+        let mut tx = Transaction::new(family, TABLE);
+        if full {
+            self.fixed(&mut tx, &state.service_cidrs);
+        } else if prior.is_some_and(|a| a.service_cidrs != state.service_cidrs) {
+            tx.push(Op::FlushChain("cluster-ips-check".into()));
+            self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
+        }
+
+        let mut next = Applied {
+            service_cidrs: state.service_cidrs.clone(),
+            ..Applied::default()
+        };
+        let mut mirror: BTreeMap<(String, String), Element> = if full {
+            match opts.existing {
+                Some(e) => e
+                    .elements
+                    .iter()
+                    .filter(|el| MANAGED.contains(&el.set.as_str()))
+                    .map(|el| ((el.set.clone(), el.key_text()), el.clone()))
+                    .collect(),
+                None => {
+                    // Without a read-back, start the managed containers from empty.
+                    for name in MANAGED {
+                        tx.push(Op::FlushSet {
+                            name: name.into(),
+                            is_map: name != CLUSTER_IPS,
+                        });
+                    }
+                    BTreeMap::new()
+                }
+            }
+        } else {
+            prior.map(|a| a.mirror.clone()).unwrap_or_default()
+        };
+        let mut element_ops: Vec<Op> = Vec::new();
+        let mut services_written = 0;
+        let mut prev_iter = previous
+            .map(|p| p.services.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .peekable();
+        let mut desired_keys: HashSet<(String, String)> = HashSet::new();
+        let same_service = |a: &Arc<PortPlan>, b: &Arc<PortPlan>| {
+            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
+        };
+        for group in state.ports.chunk_by(same_service) {
+            let name = &group[0].svc.name;
+            let this = (name.namespace.as_str(), name.name.as_str());
+            while prev_iter
+                .peek()
+                .is_some_and(|(k, _)| (k.namespace.as_str(), k.name.as_str()) < this)
+            {
+                prev_iter.next();
+            }
+            let same_key = prev_iter
+                .peek()
+                .filter(|(k, _)| (k.namespace.as_str(), k.name.as_str()) == this);
+            let key = match same_key {
+                Some((k, _)) => Arc::clone(k),
+                None => Arc::new(group[0].service_key()),
+            };
+            let unchanged = same_key
+                .filter(|(_, s)| s.ports.as_slice() == group)
+                .map(|(_, s)| Arc::clone(s));
+            let entry = match unchanged {
+                Some(e) => e,
+                None => {
+                    services_written += 1;
+                    let mut chains = Vec::new();
+                    let mut affinity = Vec::new();
+                    let mut elements = Vec::new();
+                    for port in group {
+                        let objs = self.port_objects(port);
+                        for s in objs.affinity_sets {
+                            affinity.push(s.name.clone());
+                            tx.push(Op::AddSet(s));
+                        }
+                        for (c, rules) in objs.chains {
+                            let name = c.name.clone();
+                            chains.push(name.clone());
+                            // `add` (the chain may not exist yet), then `flush` (it may).
+                            tx.push(Op::AddChain(c));
+                            tx.push(Op::FlushChain(name));
+                            for r in rules {
+                                tx.push(Op::AddRule(r));
+                            }
+                        }
+                        elements.extend(objs.elements);
+                    }
+                    // Elements of a rewritten Service: add or update what differs.
+                    for e in &elements {
+                        let k = (e.set.clone(), e.key_text());
+                        match mirror.get(&k) {
+                            Some(old) if old.value == e.value => {}
+                            Some(_) => {
+                                element_ops.push(Op::DeleteElement(e.clone()));
+                                element_ops.push(Op::AddElement(e.clone()));
+                                mirror.insert(k, e.clone());
+                            }
+                            None => {
+                                element_ops.push(Op::AddElement(e.clone()));
+                                mirror.insert(k, e.clone());
+                            }
+                        }
+                    }
+                    Arc::new(AppliedService {
+                        ports: group.to_vec(),
+                        chains,
+                        affinity_sets: affinity,
+                        elements,
+                    })
+                }
+            };
+            for e in &entry.elements {
+                desired_keys.insert((e.set.clone(), e.key_text()));
+            }
+            next.services.push((key, entry));
+        }
+        // Elements come after every chain they point at, so that a cold sync split into
+        // bounded batches never lets a packet reach a half-built Service: the dispatch
+        // maps only learn a Service once its chains are complete.
+        tx.ops.extend(element_ops);
+
+        // Elements nobody wants any more.
+        let unwanted: Vec<(String, String)> = mirror
+            .keys()
+            .filter(|k| !desired_keys.contains(*k))
+            .cloned()
+            .collect();
+        for k in unwanted {
+            if let Some(e) = mirror.remove(&k) {
+                tx.push(Op::DeleteElement(e));
+            }
+        }
+
+        // Chains no Service wants: flushed now, deleted by a later sync's clean-up.
+        let active: HashSet<&str> = next
+            .services
+            .iter()
+            .flat_map(|(_, s)| s.chains.iter().map(String::as_str))
+            .collect();
+        let mut flushed_stale = Vec::new();
+        for c in &known_chains {
+            if active.contains(c.as_str()) {
+                stale.remove(c);
+            } else if !stale.contains_key(c) {
+                tx.push(Op::FlushChain(c.clone()));
+                stale.insert(c.clone(), now);
+                flushed_stale.push(c.clone());
+            }
+        }
+        let active_affinity: HashSet<&str> = next
+            .services
+            .iter()
+            .flat_map(|(_, s)| s.affinity_sets.iter().map(String::as_str))
+            .collect();
+        for s in &known_affinity {
+            if !active_affinity.contains(s.as_str()) {
+                tx.push(Op::DeleteSet {
+                    name: s.clone(),
+                    is_map: false,
+                });
+            }
+        }
+        next.chains = active
+            .iter()
+            .map(|c| c.to_string())
+            .chain(stale.keys().cloned())
+            .collect();
+        next.affinity_sets = active_affinity.iter().map(|s| s.to_string()).collect();
+        next.stale = stale;
+        next.mirror = mirror;
+
+        Rendered {
+            cleanup,
+            main: tx,
+            full,
+            flushed_stale,
+            deleted_stale: aged,
+            services_written,
+            next,
+        }
+    }
+}
