@@ -7,6 +7,8 @@ use super::CliError;
 use crate::config::Mode;
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
+use crate::nftables::text::transaction_text;
 
 /// `kproxy render` flags.
 #[derive(Debug, Clone, Args)]
@@ -43,10 +45,9 @@ pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
                 out.push_str(&rendered.payload);
             }
             Mode::Nftables => {
-                let _ = state;
-                return Err(CliError::usage(
-                    "nftables mode is not available in this build yet",
-                ));
+                let r = NftRenderer::new(settings.clone());
+                let rendered = r.render(&state, &NftRenderOptions::default());
+                out.push_str(&transaction_text(&rendered.main));
             }
         }
     }

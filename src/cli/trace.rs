@@ -12,7 +12,10 @@ use super::CliError;
 use crate::config::Mode;
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
+use crate::nftables::text::transaction_text;
 use crate::trace::iptables::{Packet, Ruleset, Trace};
+use crate::trace::nftables::Table as NftTable;
 
 /// `kproxy trace` flags.
 #[derive(Debug, Clone, Args)]
@@ -20,7 +23,8 @@ pub struct TraceArgs {
     #[command(flatten)]
     /// Cluster and node inputs (the rules are rendered from them).
     pub inputs: InputArgs,
-    /// Trace through this saved ruleset (`iptables-save` output) instead of rendering.
+    /// Trace through this saved ruleset (`iptables-save` output, or `nft -f` text of the
+    /// kube-proxy table in nftables mode) instead of rendering.
     #[arg(long, value_name = "FILE")]
     pub ruleset: Option<PathBuf>,
     /// Source address of the packet.
@@ -110,10 +114,38 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
                 family.label()
             ))
         })?;
-    if inputs.config.mode != Mode::Iptables {
-        return Err(CliError::usage(
-            "kproxy trace explains iptables rules; use --mode iptables",
-        ));
+    let mut local: Vec<IpAddr> = args
+        .inputs
+        .local_addresses
+        .iter()
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect();
+    if let Some(n) = inputs.state.node() {
+        local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
+    }
+    let pkt = Packet {
+        src: args.src,
+        dst: args.dst,
+        dport: args.dport,
+        proto: args.proto.to_lowercase(),
+        from_node: args.from_node,
+    };
+    if inputs.config.mode == Mode::Nftables {
+        let text = match &args.ruleset {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| CliError::usage(format!("reading {}: {e}", path.display())))?,
+            None => {
+                let state = inputs.state.proxy_state(family, &inputs.node);
+                transaction_text(
+                    &NftRenderer::new(settings.clone())
+                        .render(&state, &NftRenderOptions::default())
+                        .main,
+                )
+            }
+        };
+        let table = NftTable::parse(&text).map_err(|e| CliError::usage(format!("ruleset: {e}")))?;
+        print!("{}", explain(&pkt, &table.trace(&pkt, &local)));
+        return Ok(());
     }
     let text = match &args.ruleset {
         Some(path) => std::fs::read_to_string(path)
@@ -132,24 +164,9 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         }
     };
     let rs = Ruleset::parse(&text).map_err(|e| CliError::usage(format!("ruleset: {e}")))?;
-    let mut local: Vec<IpAddr> = args
-        .inputs
-        .local_addresses
-        .iter()
-        .filter_map(|a| a.split('/').next()?.parse().ok())
-        .collect();
-    if let Some(n) = inputs.state.node() {
-        local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
-    }
+    // iptables' addrtype LOCAL includes loopback.
     local.push(IpAddr::from([127, 0, 0, 1]));
-    local.push("::1".parse().map_err(|_| CliError::failed("::1"))?);
-    let pkt = Packet {
-        src: args.src,
-        dst: args.dst,
-        dport: args.dport,
-        proto: args.proto.to_lowercase(),
-        from_node: args.from_node,
-    };
+    local.push(IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
     print!("{}", explain(&pkt, &rs.trace(&pkt, &local)));
     Ok(())
 }

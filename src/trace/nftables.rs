@@ -507,11 +507,11 @@ impl Tracer<'_> {
                     match toks.get(i).map(String::as_str) {
                         Some("vmap") => {
                             i += 1;
-                            record(self);
                             let verdict = self.vmap_lookup(toks, &mut i, &key);
                             let Some(v) = verdict else {
                                 return Flow::Continue;
                             };
+                            record(self);
                             let v: Vec<&str> = v.split_whitespace().collect();
                             return self.verdict(&v, p);
                         }
