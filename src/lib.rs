@@ -10,4 +10,5 @@ pub mod iptables;
 pub mod model;
 pub mod nftables;
 pub mod snapshot;
+pub mod sysctl;
 pub mod trace;

@@ -17,6 +17,10 @@ struct Cli {
 enum Command {
     /// Print the rules upstream kube-proxy would write for a cluster snapshot (dry run).
     Render(cli::render::RenderArgs),
+    /// Render and apply the rules once to the current network namespace.
+    Apply(cli::apply::ApplyArgs),
+    /// Remove kproxy's own rules (both modes and families by default); safe to repeat.
+    Cleanup(cli::apply::CleanupArgs),
     /// Explain where a packet goes through the rules (rendered, or a saved dump).
     Trace(cli::trace::TraceArgs),
     /// Print the version.
@@ -51,6 +55,8 @@ fn main() {
     let result: Result<(), CliError> = match &args.command {
         Command::Render(a) => cli::render::run(a),
         Command::Trace(a) => cli::trace::run(a),
+        Command::Apply(a) => cli::apply::run_apply(a),
+        Command::Cleanup(a) => cli::apply::run_cleanup(a),
         Command::Version => {
             println!("kproxy {}", env!("CARGO_PKG_VERSION"));
             Ok(())

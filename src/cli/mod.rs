@@ -1,6 +1,7 @@
 //! Command-line settings, parsed once into validated inputs (ripgrep-style), and the
 //! one-shot commands built on them. `main.rs` only dispatches.
 
+pub mod apply;
 pub mod inputs;
 pub mod render;
 pub mod trace;

@@ -3,6 +3,75 @@
 
 pub mod fake;
 pub mod names;
+pub mod netlink;
 pub mod render;
 pub mod text;
 pub mod transaction;
+
+use std::time::Instant;
+
+use crate::cli::inputs::Inputs;
+use netlink::{Netlink, NetlinkError};
+use render::{NftRenderer, RenderOptions, TABLE};
+use transaction::Family;
+
+/// Operations per batch when a cold sync (no table yet) is split: large enough to be
+/// efficient, small enough to stay clear of the kernel's quadratic cost for huge
+/// transactions (docs/benchmarks.md).
+pub const COLD_SYNC_BATCH_OPS: usize = 20_000;
+
+/// Renders and applies every family's full ruleset once, over netlink, in the current
+/// network namespace (`kproxy apply --mode nftables`).
+pub fn apply_once(inputs: &Inputs) -> Result<(), NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let start = Instant::now();
+    for settings in &inputs.families {
+        let family = Family::of(settings.family);
+        let existing = nl.read_table(family, TABLE)?;
+        let state = inputs.state.proxy_state(settings.family, &inputs.node);
+        let mut renderer = NftRenderer::new(settings.clone());
+        let rendered = renderer.render(
+            &state,
+            &RenderOptions {
+                full: true,
+                now_ms: start.elapsed().as_millis() as u64,
+                existing: existing.as_ref(),
+            },
+        );
+        if let Some(c) = &rendered.cleanup {
+            nl.apply(c)?;
+        }
+        if existing.is_none() && rendered.main.len() > COLD_SYNC_BATCH_OPS {
+            // Nothing is there yet, so every prefix of the ordered transaction is a
+            // consistent table: apply it in bounded batches.
+            for part in rendered.main.clone().split(COLD_SYNC_BATCH_OPS) {
+                nl.apply(&part)?;
+            }
+        } else {
+            nl.apply(&rendered.main)?;
+        }
+        let stale = rendered.flushed_stale.clone();
+        renderer.commit(rendered);
+        // A one-shot apply has no later sync to delete the chains it just emptied; try
+        // now (kernels before 6.2 may still see them referenced: then they stay, empty).
+        if !stale.is_empty() {
+            let mut tx = transaction::Transaction::new(family, TABLE);
+            for c in stale {
+                tx.push(transaction::Op::DeleteChain(c));
+            }
+            if let Err(e) = nl.apply(&tx) {
+                tracing::debug!(error = %e, "stale chains left for a later sync");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes kproxy's tables (`ip kube-proxy`, `ip6 kube-proxy`); safe to run twice.
+pub fn cleanup() -> Result<(), NetlinkError> {
+    let mut nl = Netlink::open()?;
+    for family in [Family::Ip, Family::Ip6] {
+        nl.delete_table(family, TABLE)?;
+    }
+    Ok(())
+}

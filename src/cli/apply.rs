@@ -1,0 +1,95 @@
+//! `kproxy apply` (render and apply once to the current network namespace) and
+//! `kproxy cleanup` (remove only kproxy's own rules).
+
+use clap::Args;
+
+use super::inputs::{InputArgs, Inputs};
+use super::CliError;
+use crate::config::Mode;
+use crate::iptables::apply::{detect_backend, Binaries, Iptables, RealExec};
+use crate::iptables::dataplane::IptablesDataplane;
+use crate::model::IpFamily;
+
+/// `kproxy apply` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    /// Cluster and node inputs.
+    pub inputs: InputArgs,
+}
+
+/// `kproxy cleanup` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// Which mode's rules to remove (default: both).
+    #[arg(long, value_name = "iptables|nftables")]
+    pub mode: Option<String>,
+}
+
+/// Runs `kproxy apply`.
+pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
+    let inputs = Inputs::load(&args.inputs)?;
+    match inputs.config.mode {
+        Mode::Iptables => apply_iptables(&inputs),
+        Mode::Nftables => crate::nftables::apply_once(&inputs)
+            .map_err(|e| CliError::failed(format!("nftables apply: {e}"))),
+    }
+}
+
+fn apply_iptables(inputs: &Inputs) -> Result<(), CliError> {
+    let backend = detect_backend(&RealExec);
+    tracing::info!(?backend, "iptables backend");
+    for settings in &inputs.families {
+        if settings.family == IpFamily::V4 && settings.localhost_nodeports {
+            crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
+        }
+        let mut s = settings.clone();
+        if crate::sysctl::read_int("net/netfilter/nf_conntrack_tcp_be_liberal").unwrap_or(0) != 0 {
+            s.tcp_be_liberal = true;
+        }
+        let state = inputs.state.proxy_state(s.family, &inputs.node);
+        let bins = Binaries::new(s.family, backend);
+        let mut dp = IptablesDataplane::new(s, Box::new(RealExec), bins, inputs.config.sync_period);
+        let report = dp
+            .sync(&state, true)
+            .map_err(|e| CliError::failed(format!("{}: {e}", settings.family.label())))?;
+        tracing::info!(family = settings.family.label(), ?report, "applied");
+    }
+    Ok(())
+}
+
+/// Runs `kproxy cleanup`.
+pub fn run_cleanup(args: &CleanupArgs) -> Result<(), CliError> {
+    let modes: Vec<Mode> = match args.mode.as_deref() {
+        None => vec![Mode::Iptables, Mode::Nftables],
+        Some(m) => vec![Mode::parse(m)
+            .ok_or_else(|| CliError::usage(format!("--mode {m:?} is not iptables or nftables")))?],
+    };
+    let mut problems = Vec::new();
+    for mode in modes {
+        match mode {
+            Mode::Iptables => {
+                let backend = detect_backend(&RealExec);
+                for family in [IpFamily::V4, IpFamily::V6] {
+                    let ipt = Iptables::new(&RealExec, Binaries::new(family, backend));
+                    if !ipt.available() {
+                        continue;
+                    }
+                    if let Err(e) = ipt.cleanup() {
+                        problems.push(format!("iptables {}: {e}", family.label()));
+                    }
+                }
+            }
+            Mode::Nftables => {
+                if let Err(e) = crate::nftables::cleanup() {
+                    problems.push(format!("nftables: {e}"));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failed(problems.join("; ")))
+    }
+}

@@ -1,0 +1,122 @@
+//! iptables mode end to end for one family: render from state, apply with
+//! `iptables-restore`, remember only what the kernel accepted.
+
+use std::time::{Duration, Instant};
+
+use crate::config::FamilySettings;
+use crate::model::ProxyState;
+
+use super::apply::{ApplyError, Binaries, Exec, Iptables};
+use super::render::{RenderOptions, Rendered, Renderer};
+
+/// What one sync did.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    /// Full or partial.
+    pub full: bool,
+    /// filter rules written.
+    pub filter_rules: usize,
+    /// nat rules written.
+    pub nat_rules: usize,
+    /// nat rules owned in total.
+    pub nat_rules_total: usize,
+    /// Services whose chains were rewritten.
+    pub services_written: usize,
+    /// Stale chains deleted.
+    pub deleted_chains: usize,
+    /// Payload size in bytes.
+    pub payload_bytes: usize,
+}
+
+/// One family's iptables dataplane.
+pub struct IptablesDataplane {
+    renderer: Renderer,
+    exec: Box<dyn Exec>,
+    bins: Binaries,
+    sync_period: Duration,
+    last_stale_cleanup: Option<Instant>,
+}
+
+impl IptablesDataplane {
+    /// A dataplane that has applied nothing yet.
+    pub fn new(
+        settings: FamilySettings,
+        exec: Box<dyn Exec>,
+        bins: Binaries,
+        sync_period: Duration,
+    ) -> Self {
+        IptablesDataplane {
+            renderer: Renderer::new(settings),
+            exec,
+            bins,
+            sync_period,
+            last_stale_cleanup: None,
+        }
+    }
+
+    /// The iptables runner.
+    pub fn iptables(&self) -> Iptables<'_> {
+        Iptables::new(self.exec.as_ref(), self.bins.clone())
+    }
+
+    /// Whether the next sync must be full.
+    pub fn needs_full_sync(&self) -> bool {
+        self.renderer.needs_full_sync()
+    }
+
+    /// Forces the next sync to be full (e.g. the canary chain vanished).
+    pub fn force_full_sync(&mut self) {
+        self.renderer.invalidate();
+    }
+
+    /// Renders and applies one sync. On failure nothing is recorded as applied and the
+    /// next sync is full.
+    pub fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncReport, ApplyError> {
+        let full = full || self.renderer.needs_full_sync();
+        let ipt = Iptables::new(self.exec.as_ref(), self.bins.clone());
+        let result = (|| -> Result<Rendered, ApplyError> {
+            let existing = if full {
+                ipt.ensure_jumps()?;
+                ipt.ensure_canaries()?;
+                Some(ipt.nat_chains()?)
+            } else {
+                None
+            };
+            let due = self
+                .last_stale_cleanup
+                .is_none_or(|t| t.elapsed() > self.sync_period);
+            let rendered = self.renderer.render(
+                state,
+                &RenderOptions {
+                    full,
+                    existing_nat_chains: existing.as_ref(),
+                    large_cluster_cleanup_due: due,
+                },
+            );
+            ipt.restore(&rendered.payload)?;
+            Ok(rendered)
+        })();
+        match result {
+            Ok(rendered) => {
+                if !rendered.large_cluster || !rendered.deleted_chains.is_empty() {
+                    self.last_stale_cleanup = Some(Instant::now());
+                }
+                let report = SyncReport {
+                    full: rendered.full,
+                    filter_rules: rendered.filter_rules,
+                    nat_rules: rendered.nat_rules,
+                    nat_rules_total: rendered.nat_rules_total,
+                    services_written: rendered.services_written,
+                    deleted_chains: rendered.deleted_chains.len(),
+                    payload_bytes: rendered.payload.len(),
+                };
+                self.renderer.commit(rendered);
+                Ok(report)
+            }
+            Err(e) => {
+                self.renderer.invalidate();
+                Err(e)
+            }
+        }
+    }
+}
