@@ -210,7 +210,7 @@ impl Msg {
                 family as u16,
                 flags,
                 seq,
-            ) as *mut libc::nlmsghdr
+            )
         }
     }
 
@@ -955,7 +955,7 @@ impl Batch {
         Ok((name, id))
     }
 
-    fn finish(mut self) -> (Vec<u8>, Vec<(u32, usize)>, u32) {
+    fn finish(mut self) -> Encoded {
         self.control(0x11); // NFNL_MSG_BATCH_END
         (self.bytes, self.seq_to_op, self.next_seq)
     }
@@ -1061,10 +1061,10 @@ fn key_bytes(key: &[KeyValue]) -> Vec<u8> {
 
 /// Encodes a transaction into one batch. Returns the bytes, the sequence -> operation
 /// index map, and the next free sequence number.
-fn encode(
-    tx: &Transaction,
-    first_seq: u32,
-) -> Result<(Vec<u8>, Vec<(u32, usize)>, u32), NetlinkError> {
+/// An encoded batch: its bytes, sequence -> operation index, next free sequence number.
+type Encoded = (Vec<u8>, Vec<(u32, usize)>, u32);
+
+fn encode(tx: &Transaction, first_seq: u32) -> Result<Encoded, NetlinkError> {
     let mut b = Batch::new(tx.family, &tx.table, first_seq)?;
     let mut i = 0;
     while i < tx.ops.len() {

@@ -124,10 +124,10 @@ pub fn canonical_listing(listing: &str) -> String {
     let mut blocks: Vec<Vec<String>> = Vec::new();
     let mut cur: Vec<String> = Vec::new();
     for line in listing.lines() {
-        if line.starts_with("\t") && !line.starts_with("\t\t") && line.trim_end().ends_with('{') {
-            if !cur.is_empty() {
-                blocks.push(std::mem::take(&mut cur));
-            }
+        let opens_block =
+            line.starts_with('\t') && !line.starts_with("\t\t") && line.trim_end().ends_with('{');
+        if opens_block && !cur.is_empty() {
+            blocks.push(std::mem::take(&mut cur));
         }
         let t = line.trim().trim_end_matches(',').to_string();
         // Closing braces carry no content and land in whichever block is last.
