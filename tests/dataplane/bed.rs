@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::echo::{self, EchoServer, Outcome};
 use super::netns::{self, Netns};
@@ -32,6 +32,11 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait before calling traffic dropped. SYNs are retransmitted after 1s, so
 /// this sees two of them.
 pub const DROP_TIMEOUT: Duration = Duration::from_millis(2500);
+/// Traffic budget of one bed: exchanges after it are not tried, so a broken dataplane
+/// fails a case in bounded time instead of timing out hundreds of connections.
+const CASE_BUDGET: Duration = Duration::from_secs(60);
+/// After this many timeouts in a row within one batch, the rest of the batch is skipped.
+const MAX_TIMEOUTS_IN_A_ROW: usize = 3;
 
 const NODE_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
 const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
@@ -182,6 +187,7 @@ pub struct Bed {
     node: Netns,
     transcript: Mutex<Vec<String>>,
     applies: Mutex<Vec<String>>,
+    deadline: Instant,
 }
 
 impl Bed {
@@ -215,6 +221,7 @@ impl Bed {
             node,
             transcript: Mutex::new(Vec::new()),
             applies: Mutex::new(Vec::new()),
+            deadline: Instant::now() + CASE_BUDGET,
         };
 
         // Routers forward; rp_filter off because replies of DNATed flows legitimately
@@ -627,16 +634,36 @@ impl Bed {
         timeout: Duration,
     ) -> Vec<Outcome> {
         let (ns, src, who) = self.origin(from);
+        let deadline = self.deadline;
         let outcomes = ns.run_in(move || {
-            (0..n)
-                .map(|i| {
-                    let msg = format!("hello {i}");
-                    match proto {
-                        Proto::Tcp => echo::tcp_once(src, dst, &msg, timeout),
-                        Proto::Udp => echo::udp_once(src, dst, &msg, timeout),
-                    }
-                })
-                .collect::<Vec<_>>()
+            let mut out = Vec::with_capacity(n);
+            let mut timeouts = 0;
+            for i in 0..n {
+                if timeouts >= MAX_TIMEOUTS_IN_A_ROW {
+                    out.push(Outcome::Error(format!(
+                        "not tried: the {MAX_TIMEOUTS_IN_A_ROW} exchanges before timed out"
+                    )));
+                    continue;
+                }
+                if Instant::now() > deadline {
+                    out.push(Outcome::Error(format!(
+                        "not tried: the case's traffic budget of {CASE_BUDGET:?} is used up"
+                    )));
+                    continue;
+                }
+                let msg = format!("hello {i}");
+                let o = match proto {
+                    Proto::Tcp => echo::tcp_once(src, dst, &msg, timeout),
+                    Proto::Udp => echo::udp_once(src, dst, &msg, timeout),
+                };
+                timeouts = if o == Outcome::TimedOut {
+                    timeouts + 1
+                } else {
+                    0
+                };
+                out.push(o);
+            }
+            out
         });
         let outcomes = match outcomes {
             Ok(o) => o,
