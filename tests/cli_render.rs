@@ -103,8 +103,18 @@ fn malformed_objects_are_skipped_with_one_warning_each() {
     assert_eq!(code, 0, "{err}");
     // The good service still renders.
     assert!(out.contains("--to-destination 10.244.1.5:8080"), "{out}");
-    for name in ["badport", "badip", "badproto", "dupports", "notanumber", "orphan-1"] {
-        let n = err.lines().filter(|l| l.contains(&format!("shop/{name}"))).count();
+    for name in [
+        "badport",
+        "badip",
+        "badproto",
+        "dupports",
+        "notanumber",
+        "orphan-1",
+    ] {
+        let n = err
+            .lines()
+            .filter(|l| l.contains(&format!("shop/{name}")))
+            .count();
         assert_eq!(n, 1, "one warning naming {name}:\n{err}");
         assert!(!out.contains(name), "{name} must not render");
     }
@@ -113,12 +123,27 @@ fn malformed_objects_are_skipped_with_one_warning_each() {
 #[test]
 fn unreadable_input_exits_2_with_one_line() {
     for (args, stdin) in [
-        (vec!["render", "--snapshot", "/nonexistent/cluster.yaml"], None),
-        (vec!["render", "--snapshot", "-"], Some("just: some\nyaml: true\n")),
+        (
+            vec!["render", "--snapshot", "/nonexistent/cluster.yaml"],
+            None,
+        ),
+        (
+            vec!["render", "--snapshot", "-"],
+            Some("just: some\nyaml: true\n"),
+        ),
         (vec!["render", "--snapshot", "-"], Some("{ not yaml")),
-        (vec!["render", "--snapshot", "-", "--mode", "ipvs"], Some(GOOD)),
-        (vec!["render", "--snapshot", "-", "--ip-family", "ipv5"], Some(GOOD)),
-        (vec!["render", "--snapshot", "-", "--local-address", "nope"], Some(GOOD)),
+        (
+            vec!["render", "--snapshot", "-", "--mode", "ipvs"],
+            Some(GOOD),
+        ),
+        (
+            vec!["render", "--snapshot", "-", "--ip-family", "ipv5"],
+            Some(GOOD),
+        ),
+        (
+            vec!["render", "--snapshot", "-", "--local-address", "nope"],
+            Some(GOOD),
+        ),
     ] {
         let (code, out, err) = kproxy(&args, stdin);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -138,5 +163,8 @@ fn kubectl_list_json_is_accepted() {
        "ports":[{"name":"dns","port":5353,"protocol":"UDP"}]}]}"#;
     let (code, out, err) = kproxy(&["render", "--snapshot", "-"], Some(list));
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("-m udp -p udp -j DNAT --to-destination 10.244.0.7:5353"), "{out}");
+    assert!(
+        out.contains("-m udp -p udp -j DNAT --to-destination 10.244.0.7:5353"),
+        "{out}"
+    );
 }

@@ -59,7 +59,10 @@ fn golden_iptables() {
         let want = fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", file.display()));
         if got != want {
-            failures.push(format!("{}:\n--- want\n{want}\n--- got\n{got}", file.display()));
+            failures.push(format!(
+                "{}:\n--- want\n{want}\n--- got\n{got}",
+                file.display()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -68,6 +71,11 @@ fn golden_iptables() {
 #[test]
 fn rendering_is_deterministic() {
     for dir in cases() {
-        assert_eq!(render(&dir, "iptables"), render(&dir, "iptables"), "{}", dir.display());
+        assert_eq!(
+            render(&dir, "iptables"),
+            render(&dir, "iptables"),
+            "{}",
+            dir.display()
+        );
     }
 }

@@ -10,13 +10,13 @@
 //! content differs from what was last applied (a diff of data, not an event queue), plus
 //! everything upstream always rewrites: the whole filter table and nat's fixed chains.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
-use crate::model::{Endpoint, IpFamily, ObjectKey, PortPlan, ProxyState};
+use crate::model::{IpFamily, ObjectKey, PortPlan, ProxyState};
 
 use super::names::{endpoint_chain, is_service_chain, PortChains};
 
@@ -73,15 +73,21 @@ pub struct Rendered {
 /// What the kernel holds after a successful apply, per Service.
 #[derive(Debug, Clone, Default)]
 struct Applied {
-    services: BTreeMap<ObjectKey, AppliedService>,
+    /// Sorted by key (the order of `ProxyState::ports`), so a sync walks it in step.
+    services: Vec<(Arc<ObjectKey>, Arc<AppliedService>)>,
     /// Stale chains left in place (large-cluster mode defers their deletion).
     leftover: BTreeSet<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct AppliedService {
-    /// Hash of the desired content (ports, endpoints, selection) it was rendered from.
-    fingerprint: u64,
+    /// The desired content it was rendered from; a Service is rewritten when this differs.
+    /// Large-cluster mode is deliberately not part of it: upstream does not rewrite
+    /// unchanged Services when the mode flips.
+    ports: Vec<Arc<PortPlan>>,
+    /// Its capture rules (KUBE-SERVICES, KUBE-NODEPORTS, filter), which every sync
+    /// writes; kept so an unchanged Service costs a copy, not a re-format.
+    capture: CaptureText,
     /// Its per-service chains.
     chains: Vec<String>,
     /// Its nat rule lines (for the rule-count metric when it is not rewritten).
@@ -134,8 +140,8 @@ impl Renderer {
     pub fn applied_chains(&self) -> BTreeSet<String> {
         self.applied
             .iter()
-            .flat_map(|a| a.services.values())
-            .flat_map(|s| s.chains.iter().cloned())
+            .flat_map(|a| a.services.iter())
+            .flat_map(|(_, s)| s.chains.iter().cloned())
             .chain(self.applied.iter().flat_map(|a| a.leftover.iter().cloned()))
             .collect()
     }
@@ -148,95 +154,126 @@ impl Renderer {
         let mut w = Writer::new(&self.settings, large, state.family);
 
         // Group ports by Service: partial syncs rewrite whole Services, as upstream does.
+        // Both the ports and the applied record are sorted by Service, so one forward
+        // walk pairs them up.
         let mut next = Applied::default();
-        let mut i = 0;
-        let ports = &state.ports;
-        while i < ports.len() {
-            let key = ports[i].service_key();
-            let mut j = i + 1;
-            while j < ports.len() && ports[j].service_key() == key {
-                j += 1;
+        let mut rewritten_chains: HashSet<String> = HashSet::new();
+        let mut prev_iter = previous
+            .map(|p| p.services.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .peekable();
+        let same_service = |a: &Arc<PortPlan>, b: &Arc<PortPlan>| {
+            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
+        };
+        for group in state.ports.chunk_by(same_service) {
+            let name = &group[0].svc.name;
+            let this = (name.namespace.as_str(), name.name.as_str());
+            while prev_iter
+                .peek()
+                .is_some_and(|(k, _)| (k.namespace.as_str(), k.name.as_str()) < this)
+            {
+                prev_iter.next();
             }
-            let group = &ports[i..j];
-            let fingerprint = fingerprint(group);
-            let unchanged = previous
-                .and_then(|p| p.services.get(&key))
-                .filter(|s| s.fingerprint == fingerprint);
-            let mut chains = Vec::new();
-            let nat_before = w.nat_rule_lines;
-            for port in group {
-                w.capture_rules(port);
-                if unchanged.is_none() {
-                    w.service_chains(port, &mut chains);
-                }
-            }
+            let same_key = prev_iter
+                .peek()
+                .filter(|(k, _)| (k.namespace.as_str(), k.name.as_str()) == this);
+            let key = match same_key {
+                Some((k, _)) => Arc::clone(k),
+                None => Arc::new(group[0].service_key()),
+            };
+            let unchanged = same_key
+                .filter(|(_, s)| s.ports.as_slice() == group)
+                .map(|(_, s)| s);
             let entry = match unchanged {
                 Some(prev) => {
+                    w.push_capture(&prev.capture);
                     w.nat_rules_discarded += prev.nat_lines;
-                    prev.clone()
+                    Arc::clone(prev)
                 }
                 None => {
                     w.services_written += 1;
-                    AppliedService {
-                        fingerprint,
-                        chains,
-                        nat_lines: w.nat_rule_lines
-                            - nat_before
-                            - w.capture_nat_lines_since(nat_before),
+                    let mut chains = Vec::new();
+                    let mut capture = CaptureText::default();
+                    let mut service_lines = 0;
+                    for port in group {
+                        let names = PortChains::new(&port.svc.name);
+                        w.capture_rules(port, &names, &mut capture);
+                        let before = w.nat_rule_lines;
+                        w.service_chains(port, &names, &mut chains);
+                        service_lines += w.nat_rule_lines - before;
                     }
+                    w.push_capture(&capture);
+                    if previous.is_some() {
+                        rewritten_chains.extend(chains.iter().cloned());
+                    }
+                    Arc::new(AppliedService {
+                        ports: group.to_vec(),
+                        capture,
+                        chains,
+                        nat_lines: service_lines,
+                    })
                 }
             };
-            next.services.insert(key, entry);
-            i = j;
+            next.services.push((key, entry));
         }
 
-        // Stale chains: ours in the kernel (or last applied) that no Service wants now.
-        let active: BTreeSet<&str> = next
-            .services
-            .values()
-            .flat_map(|s| s.chains.iter().map(String::as_str))
-            .collect();
-        let applied_chains;
-        let existing: &BTreeSet<String> = match opts.existing_nat_chains {
-            Some(e) => e,
-            None => {
-                applied_chains = self.applied_chains();
-                &applied_chains
-            }
+        let kernel_view: Option<BTreeSet<String>> = match (opts.existing_nat_chains, previous) {
+            (Some(e), _) => Some(e.clone()),
+            // A full sync without the kernel's view: what we applied before.
+            (None, None) if self.applied.is_some() => Some(self.applied_chains()),
+            _ => None,
         };
-        let stale: Vec<String> = existing
-            .iter()
-            .filter(|c| is_service_chain(c) && !active.contains(c.as_str()))
-            .cloned()
-            .collect();
+        let stale = match (kernel_view.as_ref(), previous) {
+            // The kernel's view (full syncs): ours there that no Service wants now.
+            (Some(existing), _) => {
+                let active: HashSet<&str> = next
+                    .services
+                    .iter()
+                    .flat_map(|(_, s)| s.chains.iter().map(String::as_str))
+                    .collect();
+                existing
+                    .iter()
+                    .filter(|c| is_service_chain(c) && !active.contains(c.as_str()))
+                    .cloned()
+                    .collect()
+            }
+            // Our own record: only Services that changed or went away can leave chains
+            // behind, which keeps partial syncs proportional to the change.
+            (None, Some(known)) => {
+                let mut stale: BTreeSet<String> = known.leftover.clone();
+                let mut new_iter = next.services.iter().peekable();
+                for (key, old) in &known.services {
+                    while new_iter.peek().is_some_and(|(k, _)| k < key) {
+                        new_iter.next();
+                    }
+                    match new_iter.peek().filter(|(k, _)| k == key).map(|(_, s)| s) {
+                        Some(new) if Arc::ptr_eq(new, old) => {}
+                        Some(new) => {
+                            let keep: HashSet<&str> =
+                                new.chains.iter().map(String::as_str).collect();
+                            stale.extend(
+                                old.chains
+                                    .iter()
+                                    .filter(|c| !keep.contains(c.as_str()))
+                                    .cloned(),
+                            );
+                        }
+                        None => stale.extend(old.chains.iter().cloned()),
+                    }
+                }
+                stale.retain(|c| !rewritten_chains.contains(c));
+                stale
+            }
+            (None, None) => BTreeSet::new(),
+        };
         let mut deleted = Vec::new();
         if !large || opts.large_cluster_cleanup_due {
-            deleted = stale;
+            deleted = stale.into_iter().collect();
         } else {
-            next.leftover = stale.into_iter().collect();
+            next.leftover = stale;
         }
         w.finish(&deleted, &state.family, next, full, large)
-    }
-}
-
-/// A fingerprint of one Service's desired content. Large-cluster mode is deliberately
-/// not part of it: upstream does not rewrite unchanged Services when the mode flips.
-fn fingerprint(group: &[PortPlan]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    group.hash(&mut h);
-    h.finish()
-}
-
-/// Quotes a comment the way upstream writes it: literal double quotes only when it
-/// contains a space.
-fn push_comment(buf: &mut String, text: &str) {
-    buf.push_str(" -m comment --comment ");
-    if text.contains(' ') {
-        buf.push('"');
-        buf.push_str(text);
-        buf.push('"');
-    } else {
-        buf.push_str(text);
     }
 }
 
@@ -245,8 +282,33 @@ pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
-fn ip_str(ip: &IpAddr) -> String {
-    ip.to_string()
+/// The capture rules of one Service (what every sync writes for it), with counts.
+#[derive(Debug, Default)]
+struct CaptureText {
+    nat: String,
+    nat_lines: usize,
+    filter: String,
+    filter_lines: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+/// Probability strings, computed once per endpoint count.
+#[derive(Default)]
+struct Probabilities(Vec<String>);
+
+impl Probabilities {
+    fn get(&mut self, n: usize) -> &str {
+        while self.0.len() <= n {
+            let k = self.0.len();
+            self.0.push(if k == 0 {
+                String::new()
+            } else {
+                probability(k)
+            });
+        }
+        &self.0[n]
+    }
 }
 
 struct Writer<'s> {
@@ -259,11 +321,9 @@ struct Writer<'s> {
     nat_chains: String,
     nat_rules: String,
     nat_rule_lines: usize,
-    /// nat capture-rule lines (KUBE-SERVICES / KUBE-NODEPORTS) written so far, so the
-    /// per-service count can exclude them.
-    capture_nat_lines: Vec<usize>,
     nat_rules_discarded: usize,
     services_written: usize,
+    probabilities: Probabilities,
     no_local_internal: usize,
     no_local_external: usize,
 }
@@ -280,9 +340,9 @@ impl<'s> Writer<'s> {
             nat_chains: String::new(),
             nat_rules: String::new(),
             nat_rule_lines: 0,
-            capture_nat_lines: Vec::new(),
             nat_rules_discarded: 0,
             services_written: 0,
+            probabilities: Probabilities::default(),
             no_local_internal: 0,
             no_local_external: 0,
         };
@@ -344,20 +404,13 @@ impl<'s> Writer<'s> {
         self.nat_rule_lines += 1;
     }
 
-    fn capture_rule(&mut self, line: String) {
-        self.nat_rule(line);
-        self.capture_nat_lines.push(self.nat_rule_lines);
-    }
-
-    fn capture_nat_lines_since(&self, since: usize) -> usize {
-        self.capture_nat_lines
-            .iter()
-            .filter(|&&n| n > since)
-            .count()
-    }
-
-    fn pm(proto: &str) -> String {
-        format!(" -m {proto} -p {proto}")
+    fn push_capture(&mut self, c: &CaptureText) {
+        self.nat_rules.push_str(&c.nat);
+        self.nat_rule_lines += c.nat_lines;
+        self.filter_rules.push_str(&c.filter);
+        self.filter_rule_lines += c.filter_lines;
+        self.no_local_internal += c.no_local_internal;
+        self.no_local_external += c.no_local_external;
     }
 
     fn not_local(&self) -> Option<String> {
@@ -378,28 +431,29 @@ impl<'s> Writer<'s> {
         }
     }
 
+    // The per-port writers below format straight into the output buffers: at 100k
+    // endpoints, per-line temporary strings dominated the render time. Comment templates
+    // with spaces are written with their quotes inline (Kubernetes names never contain
+    // spaces, so the quoting upstream would choose is known statically).
+
     /// Upstream §6.1 steps 1–6: the rules that are written for every service port on
     /// every sync (KUBE-SERVICES, KUBE-NODEPORTS and the filter table).
-    fn capture_rules(&mut self, port: &PortPlan) {
+    fn capture_rules(&self, port: &PortPlan, chains: &PortChains, out: &mut CaptureText) {
         let svc = &port.svc;
         let spn = svc.name.to_string();
         let proto = svc.name.protocol.lower();
-        let pm = Self::pm(proto);
-        let chains = PortChains::new(&svc.name);
         let f = Flags::of(port);
 
-        let (int_target, int_comment, ext_target, ext_comment) = if !f.has_endpoints {
-            let c = format!("{spn} has no endpoints");
-            ("REJECT", c.clone(), "REJECT", c)
+        let (int_target, ext_target, why) = if !f.has_endpoints {
+            ("REJECT", "REJECT", "has no endpoints")
         } else {
-            let c = format!("{spn} has no local endpoints");
-            ("DROP", c.clone(), "DROP", c)
+            ("DROP", "DROP", "has no local endpoints")
         };
         if f.has_endpoints && !f.has_internal {
-            self.no_local_internal += 1;
+            out.no_local_internal += 1;
         }
         if f.has_endpoints && !f.has_external {
-            self.no_local_external += 1;
+            out.no_local_external += 1;
         }
         let internal_chain = if svc.internal_policy_local {
             &chains.svl
@@ -407,63 +461,67 @@ impl<'s> Writer<'s> {
             &chains.svc
         };
         let lb_target = if f.uses_fw { &chains.fw } else { &chains.ext };
-        let cip = ip_str(&svc.cluster_ip);
+        let cip = svc.cluster_ip;
         let p = svc.port;
 
         // 1. Cluster IP.
         if f.has_internal {
-            let mut l = String::from("-A KUBE-SERVICES");
-            push_comment(&mut l, &format!("{spn} cluster IP"));
-            let _ = write!(l, "{pm} -d {cip} --dport {p} -j {internal_chain}");
-            self.capture_rule(l);
+            let _ = writeln!(
+                out.nat,
+                "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" -m {proto} -p {proto} -d {cip} --dport {p} -j {internal_chain}"
+            );
+            out.nat_lines += 1;
         } else {
-            let mut l = String::from("-A KUBE-SERVICES");
-            push_comment(&mut l, &int_comment);
-            let _ = write!(l, "{pm} -d {cip} --dport {p} -j {int_target}");
-            self.filter_rule(l);
+            let _ = writeln!(
+                out.filter,
+                "-A KUBE-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {cip} --dport {p} -j {int_target}"
+            );
+            out.filter_lines += 1;
         }
         // 2. External IPs.
         for x in &svc.external_ips {
-            let x = ip_str(x);
             if f.has_endpoints {
-                let mut l = String::from("-A KUBE-SERVICES");
-                push_comment(&mut l, &format!("{spn} external IP"));
-                let _ = write!(l, "{pm} -d {x} --dport {p} -j {}", chains.ext);
-                self.capture_rule(l);
+                let _ = writeln!(
+                    out.nat,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} external IP\" -m {proto} -p {proto} -d {x} --dport {p} -j {}",
+                    chains.ext
+                );
+                out.nat_lines += 1;
             }
             if !f.has_external {
-                let mut l = String::from("-A KUBE-EXTERNAL-SERVICES");
-                push_comment(&mut l, &ext_comment);
-                let _ = write!(l, "{pm} -d {x} --dport {p} -j {ext_target}");
-                self.filter_rule(l);
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {x} --dport {p} -j {ext_target}"
+                );
+                out.filter_lines += 1;
             }
         }
         // 3. Load-balancer VIPs.
         for vip in &svc.lb_ips {
-            let vip = ip_str(vip);
             if f.has_endpoints {
-                let mut l = String::from("-A KUBE-SERVICES");
-                push_comment(&mut l, &format!("{spn} loadbalancer IP"));
-                let _ = write!(l, "{pm} -d {vip} --dport {p} -j {lb_target}");
-                self.capture_rule(l);
+                let _ = writeln!(
+                    out.nat,
+                    "-A KUBE-SERVICES -m comment --comment \"{spn} loadbalancer IP\" -m {proto} -p {proto} -d {vip} --dport {p} -j {lb_target}"
+                );
+                out.nat_lines += 1;
             }
             if f.uses_fw {
-                let mut l = String::from("-A KUBE-PROXY-FIREWALL");
-                push_comment(
-                    &mut l,
-                    &format!("{spn} traffic not accepted by {}", chains.fw),
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-PROXY-FIREWALL -m comment --comment \"{spn} traffic not accepted by {}\" -m {proto} -p {proto} -d {vip} --dport {p} -j DROP",
+                    chains.fw
                 );
-                let _ = write!(l, "{pm} -d {vip} --dport {p} -j DROP");
-                self.filter_rule(l);
+                out.filter_lines += 1;
             }
         }
         // 4. No usable external endpoints: drop/reject at the VIPs.
         if !f.has_external {
             for vip in &svc.lb_ips {
-                let mut l = String::from("-A KUBE-EXTERNAL-SERVICES");
-                push_comment(&mut l, &ext_comment);
-                let _ = write!(l, "{pm} -d {} --dport {p} -j {ext_target}", ip_str(vip));
-                self.filter_rule(l);
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {vip} --dport {p} -j {ext_target}"
+                );
+                out.filter_lines += 1;
             }
         }
         // 5. NodePort.
@@ -474,52 +532,57 @@ impl<'s> Writer<'s> {
                     && self.family == IpFamily::V4
                     && self.s.nfacct_localhost
                 {
-                    let mut l = String::from("-A KUBE-NODEPORTS");
-                    push_comment(&mut l, &spn);
-                    let _ = write!(
-                        l,
-                        "{pm} -d 127.0.0.0/8 --dport {np} -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {}",
+                    let _ = writeln!(
+                        out.nat,
+                        "-A KUBE-NODEPORTS -m comment --comment {spn} -m {proto} -p {proto} -d 127.0.0.0/8 --dport {np} -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {}",
                         chains.ext
                     );
-                    self.capture_rule(l);
+                    out.nat_lines += 1;
                 }
-                let mut l = String::from("-A KUBE-NODEPORTS");
-                push_comment(&mut l, &spn);
-                let _ = write!(l, "{pm} --dport {np} -j {}", chains.ext);
-                self.capture_rule(l);
+                let _ = writeln!(
+                    out.nat,
+                    "-A KUBE-NODEPORTS -m comment --comment {spn} -m {proto} -p {proto} --dport {np} -j {}",
+                    chains.ext
+                );
+                out.nat_lines += 1;
             }
             if !f.has_external {
-                let mut l = String::from("-A KUBE-EXTERNAL-SERVICES");
-                push_comment(&mut l, &ext_comment);
-                let _ = write!(
-                    l,
-                    " -m addrtype --dst-type LOCAL{pm} --dport {np} -j {ext_target}"
+                let _ = writeln!(
+                    out.filter,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {ext_target}"
                 );
-                self.filter_rule(l);
+                out.filter_lines += 1;
             }
         }
         // 6. Health-check node port: always accepted, whatever the endpoints.
         if svc.health_check_node_port != 0 {
-            let mut l = String::from("-A KUBE-NODEPORTS");
-            push_comment(&mut l, &format!("{spn} health check node port"));
-            let _ = write!(
-                l,
-                " -m tcp -p tcp --dport {} -j ACCEPT",
+            let _ = writeln!(
+                out.filter,
+                "-A KUBE-NODEPORTS -m comment --comment \"{spn} health check node port\" -m tcp -p tcp --dport {} -j ACCEPT",
                 svc.health_check_node_port
             );
-            self.filter_rule(l);
+            out.filter_lines += 1;
         }
     }
 
     /// Upstream §6.1 steps 7–12: the per-service chains, written on full syncs and for
-    /// changed Services. Chain names are collected into `chains` either way.
-    fn service_chains(&mut self, port: &PortPlan, chains_out: &mut Vec<String>) {
+    /// changed Services. Chain names are collected into `chains_out`.
+    fn service_chains(
+        &mut self,
+        port: &PortPlan,
+        chains: &PortChains,
+        chains_out: &mut Vec<String>,
+    ) {
         let svc = &port.svc;
         let spn = svc.name.to_string();
         let proto = svc.name.protocol.lower();
-        let pm = Self::pm(proto);
-        let chains = PortChains::new(&svc.name);
         let f = Flags::of(port);
+        // Endpoint chain names, hashed once per endpoint (cluster and local endpoints are
+        // subsets of the reachable ones).
+        let mut seps: Vec<Option<String>> = vec![None; port.endpoints.len()];
+        for &i in &port.selection.all_reachable {
+            seps[i] = Some(endpoint_chain(&svc.name, &port.endpoints[i]));
+        }
         let internal_chain = if svc.internal_policy_local {
             &chains.svl
         } else {
@@ -530,76 +593,72 @@ impl<'s> Writer<'s> {
         } else {
             &chains.svc
         };
-        let cip = ip_str(&svc.cluster_ip);
+        let cip = svc.cluster_ip;
         let p = svc.port;
 
         // 7. Internal masquerade.
         if f.has_internal {
-            let masq = if self.s.masquerade_all {
+            let extra = if self.s.masquerade_all {
                 Some(String::new())
             } else {
                 self.not_local().map(|n| format!(" {n}"))
             };
-            if let Some(extra) = masq {
-                let mut l = format!("-A {internal_chain}");
-                push_comment(&mut l, &format!("{spn} cluster IP"));
-                let _ = write!(l, "{pm} -d {cip} --dport {p}{extra} -j KUBE-MARK-MASQ");
-                self.nat_rule(l);
+            if let Some(extra) = extra {
+                let _ = writeln!(
+                    self.nat_rules,
+                    "-A {internal_chain} -m comment --comment \"{spn} cluster IP\" -m {proto} -p {proto} -d {cip} --dport {p}{extra} -j KUBE-MARK-MASQ"
+                );
+                self.nat_rule_lines += 1;
             }
         }
         // 8. External-destination chain.
         if f.uses_ext {
-            self.nat_chain(&chains.ext);
-            chains_out.push(chains.ext.clone());
             let ext = &chains.ext;
+            self.nat_chain(ext);
+            chains_out.push(ext.clone());
             if !svc.external_policy_local {
-                let mut l = format!("-A {ext}");
-                push_comment(
-                    &mut l,
-                    &format!("masquerade traffic for {spn} external destinations"),
+                let _ = writeln!(
+                    self.nat_rules,
+                    "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"
                 );
-                l.push_str(" -j KUBE-MARK-MASQ");
-                self.nat_rule(l);
+                self.nat_rule_lines += 1;
             } else {
                 if let Some(local) = self.is_local() {
-                    let mut l = format!("-A {ext}");
-                    push_comment(
-                        &mut l,
-                        &format!("pod traffic for {spn} external destinations"),
+                    let _ = writeln!(
+                        self.nat_rules,
+                        "-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" {local} -j {}",
+                        chains.svc
                     );
-                    let _ = write!(l, " {local} -j {}", chains.svc);
-                    self.nat_rule(l);
+                    self.nat_rule_lines += 1;
                 }
-                let mut l = format!("-A {ext}");
-                push_comment(
-                    &mut l,
-                    &format!("masquerade LOCAL traffic for {spn} external destinations"),
+                let _ = writeln!(
+                    self.nat_rules,
+                    "-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
                 );
-                l.push_str(" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ");
-                self.nat_rule(l);
-                let mut l = format!("-A {ext}");
-                push_comment(
-                    &mut l,
-                    &format!("route LOCAL traffic for {spn} external destinations"),
+                let _ = writeln!(
+                    self.nat_rules,
+                    "-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {}",
+                    chains.svc
                 );
-                let _ = write!(l, " -m addrtype --src-type LOCAL -j {}", chains.svc);
-                self.nat_rule(l);
+                self.nat_rule_lines += 2;
             }
             if f.has_external {
-                self.nat_rule(format!("-A {ext} -j {external_policy_chain}"));
+                let _ = writeln!(self.nat_rules, "-A {ext} -j {external_policy_chain}");
+                self.nat_rule_lines += 1;
             }
         }
         // 9. Source-range firewall chain.
         if f.uses_fw {
-            self.nat_chain(&chains.fw);
-            chains_out.push(chains.fw.clone());
             let fw = &chains.fw;
-            let lb_comment = format!("{spn} loadbalancer IP");
+            self.nat_chain(fw);
+            chains_out.push(fw.clone());
             for r in &svc.source_ranges {
-                let mut l = format!("-A {fw}");
-                push_comment(&mut l, &lb_comment);
-                let _ = write!(l, " -s {r} -j {}", chains.ext);
-                self.nat_rule(l);
+                let _ = writeln!(
+                    self.nat_rules,
+                    "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {r} -j {}",
+                    chains.ext
+                );
+                self.nat_rule_lines += 1;
             }
             // A node that is itself allowed may reach the VIP after being SNATed to it.
             let node_allowed = self
@@ -608,89 +667,127 @@ impl<'s> Writer<'s> {
                 .is_some_and(|ip| svc.source_ranges.iter().any(|r| r.contains(&ip)));
             if node_allowed {
                 for vip in &svc.lb_ips {
-                    let mut l = format!("-A {fw}");
-                    push_comment(&mut l, &lb_comment);
-                    let _ = write!(l, " -s {} -j {}", ip_str(vip), chains.ext);
-                    self.nat_rule(l);
+                    let _ = writeln!(
+                        self.nat_rules,
+                        "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {vip} -j {}",
+                        chains.ext
+                    );
+                    self.nat_rule_lines += 1;
                 }
             }
-            let mut l = format!("-A {fw}");
-            push_comment(
-                &mut l,
-                &format!("other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"),
+            let _ = writeln!(
+                self.nat_rules,
+                "-A {fw} -m comment --comment \"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL\""
             );
-            self.nat_rule(l);
+            self.nat_rule_lines += 1;
         }
         // 10. / 11. Policy chains.
         if f.uses_cluster_chain {
             self.nat_chain(&chains.svc);
             chains_out.push(chains.svc.clone());
-            let eps: Vec<&Endpoint> = port.cluster_endpoints().collect();
-            self.endpoint_jumps(&chains.svc, port, &spn, &eps);
+            self.endpoint_jumps(&chains.svc, port, &spn, &port.selection.cluster, &seps);
         }
         if f.uses_local_chain {
             self.nat_chain(&chains.svl);
             chains_out.push(chains.svl.clone());
-            let eps: Vec<&Endpoint> = port.local_endpoints().collect();
-            self.endpoint_jumps(&chains.svl, port, &spn, &eps);
+            self.endpoint_jumps(&chains.svl, port, &spn, &port.selection.local, &seps);
         }
         // 12. Endpoint chains.
-        for ep in port.reachable_endpoints() {
-            let sep = endpoint_chain(&svc.name, ep);
+        let comment = if self.large {
+            String::new()
+        } else {
+            format!(" -m comment --comment {spn}")
+        };
+        let recent = svc.affinity_timeout.is_some();
+        for &i in &port.selection.all_reachable {
+            let ep = &port.endpoints[i];
+            let Some(sep) = seps[i].take() else {
+                continue;
+            };
             self.nat_chain(&sep);
-            let mut l = format!("-A {sep}");
-            if !self.large {
-                push_comment(&mut l, &spn);
+            let ip = ep.ip;
+            let _ = writeln!(
+                self.nat_rules,
+                "-A {sep}{comment} -s {ip} -j KUBE-MARK-MASQ"
+            );
+            if recent {
+                let _ = write!(
+                    self.nat_rules,
+                    "-A {sep}{comment} -m recent --name {sep} --set"
+                );
+            } else {
+                let _ = write!(self.nat_rules, "-A {sep}{comment}");
             }
-            let _ = write!(l, " -s {} -j KUBE-MARK-MASQ", ip_str(&ep.ip));
-            self.nat_rule(l);
-            let mut l = format!("-A {sep}");
-            if !self.large {
-                push_comment(&mut l, &spn);
-            }
-            if svc.affinity_timeout.is_some() {
-                let _ = write!(l, " -m recent --name {sep} --set");
-            }
-            let _ = write!(l, "{pm} -j DNAT --to-destination {}", ep.addr_string());
-            self.nat_rule(l);
+            let _ = match ip {
+                IpAddr::V4(v4) => writeln!(
+                    self.nat_rules,
+                    " -m {proto} -p {proto} -j DNAT --to-destination {v4}:{}",
+                    ep.port
+                ),
+                IpAddr::V6(v6) => writeln!(
+                    self.nat_rules,
+                    " -m {proto} -p {proto} -j DNAT --to-destination [{v6}]:{}",
+                    ep.port
+                ),
+            };
+            self.nat_rule_lines += 2;
             chains_out.push(sep);
         }
     }
 
-    fn endpoint_jumps(&mut self, chain: &str, port: &PortPlan, spn: &str, eps: &[&Endpoint]) {
-        let seps: Vec<String> = eps
-            .iter()
-            .map(|ep| endpoint_chain(&port.svc.name, ep))
-            .collect();
-        let comment = |ep: &Endpoint| format!("{spn} -> {}", ep.addr_string());
+    fn endpoint_jumps(
+        &mut self,
+        chain: &str,
+        port: &PortPlan,
+        spn: &str,
+        which: &[usize],
+        seps: &[Option<String>],
+    ) {
+        let name = |i: usize| -> String {
+            seps[i]
+                .clone()
+                .unwrap_or_else(|| endpoint_chain(&port.svc.name, &port.endpoints[i]))
+        };
+        let large = self.large;
+        let comment = |buf: &mut String, i: usize| {
+            if !large {
+                let ep = &port.endpoints[i];
+                let _ = match ep.ip {
+                    IpAddr::V4(v4) => {
+                        write!(buf, " -m comment --comment \"{spn} -> {v4}:{}\"", ep.port)
+                    }
+                    IpAddr::V6(v6) => {
+                        write!(buf, " -m comment --comment \"{spn} -> [{v6}]:{}\"", ep.port)
+                    }
+                };
+            }
+        };
         if let Some(timeout) = port.svc.affinity_timeout {
-            for (ep, sep) in eps.iter().zip(&seps) {
-                let mut l = format!("-A {chain}");
-                if !self.large {
-                    push_comment(&mut l, &comment(ep));
-                }
-                let _ = write!(
-                    l,
+            for &i in which {
+                let sep = name(i);
+                let _ = write!(self.nat_rules, "-A {chain}");
+                comment(&mut self.nat_rules, i);
+                let _ = writeln!(
+                    self.nat_rules,
                     " -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
                 );
-                self.nat_rule(l);
+                self.nat_rule_lines += 1;
             }
         }
-        let n = eps.len();
-        for (i, (ep, sep)) in eps.iter().zip(&seps).enumerate() {
-            let mut l = format!("-A {chain}");
-            if !self.large {
-                push_comment(&mut l, &comment(ep));
-            }
-            if i + 1 < n {
+        let n = which.len();
+        for (k, &i) in which.iter().enumerate() {
+            let sep = name(i);
+            let _ = write!(self.nat_rules, "-A {chain}");
+            comment(&mut self.nat_rules, i);
+            if k + 1 < n {
                 let _ = write!(
-                    l,
+                    self.nat_rules,
                     " -m statistic --mode random --probability {}",
-                    probability(n - i)
+                    self.probabilities.get(n - k)
                 );
             }
-            let _ = write!(l, " -j {sep}");
-            self.nat_rule(l);
+            let _ = writeln!(self.nat_rules, " -j {sep}");
+            self.nat_rule_lines += 1;
         }
     }
 
@@ -839,15 +936,5 @@ mod tests {
         ] {
             assert_eq!(probability(n), s, "n={n}");
         }
-    }
-
-    #[test]
-    fn comments_quoted_only_with_spaces() {
-        let mut a = String::new();
-        push_comment(&mut a, "ns1/svc1:p80");
-        assert_eq!(a, " -m comment --comment ns1/svc1:p80");
-        let mut b = String::new();
-        push_comment(&mut b, "ns1/svc1:p80 cluster IP");
-        assert_eq!(b, " -m comment --comment \"ns1/svc1:p80 cluster IP\"");
     }
 }

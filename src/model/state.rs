@@ -1,6 +1,7 @@
 //! The cluster state kept in memory, and the per-family view derived from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
@@ -14,7 +15,7 @@ use super::{
 };
 
 /// Everything the proxy knows about the cluster: compact, keyed, no full objects.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ClusterState {
     services: BTreeMap<ObjectKey, Service>,
     /// Slices grouped by their Service (namespace/service name), then by slice name, so
@@ -26,6 +27,30 @@ pub struct ClusterState {
     service_cidrs: BTreeMap<String, Vec<IpNet>>,
     /// Feature gate LoadBalancerIPMode turned off: `ipMode: Proxy` ingress IPs are VIPs too.
     ignore_lb_ip_mode: bool,
+    /// Per-Service derived port plans, so that a sync after a small change re-derives
+    /// only the Services that changed. Invisible to callers: `proxy_state` stays a pure
+    /// function of the state; entries are dropped whenever their inputs change.
+    derived: Mutex<DerivedCache>,
+}
+
+#[derive(Debug, Default)]
+struct DerivedCache {
+    node: Option<NodeContext>,
+    services: HashMap<(IpFamily, ObjectKey), Vec<Arc<PortPlan>>>,
+}
+
+impl Clone for ClusterState {
+    fn clone(&self) -> Self {
+        ClusterState {
+            services: self.services.clone(),
+            slices: self.slices.clone(),
+            slice_owner: self.slice_owner.clone(),
+            node: self.node.clone(),
+            service_cidrs: self.service_cidrs.clone(),
+            ignore_lb_ip_mode: self.ignore_lb_ip_mode,
+            derived: Mutex::new(DerivedCache::default()),
+        }
+    }
 }
 
 /// The node-specific inputs of endpoint selection.
@@ -80,8 +105,10 @@ impl PortPlan {
 pub struct ProxyState {
     /// The family.
     pub family: IpFamily,
-    /// Service ports sorted by namespace, name, port name and protocol.
-    pub ports: Vec<PortPlan>,
+    /// Service ports sorted by namespace, name, port name and protocol. Shared with
+    /// the state's cache (and with the renderers' record of what they applied), so an
+    /// unchanged port compares equal by pointer.
+    pub ports: Vec<Arc<PortPlan>>,
     /// ServiceCIDRs of this family, sorted.
     pub service_cidrs: Vec<IpNet>,
 }
@@ -103,6 +130,31 @@ impl ClusterState {
     /// Turns the LoadBalancerIPMode feature gate off (on by default, GA since 1.32).
     pub fn set_lb_ip_mode_gate(&mut self, enabled: bool) {
         self.ignore_lb_ip_mode = !enabled;
+        self.forget_all();
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, DerivedCache> {
+        // A panic while holding the lock cannot leave the cache inconsistent in a way
+        // that matters: entries are whole values, so keep using it.
+        self.derived.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn forget(&mut self, key: &ObjectKey) {
+        let cache = self
+            .derived
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for fam in [IpFamily::V4, IpFamily::V6] {
+            cache.services.remove(&(fam, key.clone()));
+        }
+    }
+
+    fn forget_all(&mut self) {
+        let cache = self
+            .derived
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        cache.services.clear();
     }
 
     /// Adds or replaces a Service. A Service that is ignored or invalid is removed from
@@ -110,14 +162,16 @@ impl ClusterState {
     pub fn upsert_service(&mut self, svc: &core::Service) -> Result<(), SkipReason> {
         match from_k8s::service(svc) {
             Ok(s) => {
-                self.services.insert(s.key.clone(), s);
+                self.insert_service(s);
                 Ok(())
             }
             Err(e) => {
-                self.services.remove(&ObjectKey::new(
+                let key = ObjectKey::new(
                     svc.metadata.namespace.clone().unwrap_or_default(),
                     svc.metadata.name.clone().unwrap_or_default(),
-                ));
+                );
+                self.forget(&key);
+                self.services.remove(&key);
                 Err(e)
             }
         }
@@ -125,14 +179,15 @@ impl ClusterState {
 
     /// Inserts an already converted Service.
     pub fn insert_service(&mut self, svc: Service) {
+        self.forget(&svc.key);
         self.services.insert(svc.key.clone(), svc);
     }
 
     /// Removes a Service.
     pub fn remove_service(&mut self, namespace: &str, name: &str) -> bool {
-        self.services
-            .remove(&ObjectKey::new(namespace, name))
-            .is_some()
+        let key = ObjectKey::new(namespace, name);
+        self.forget(&key);
+        self.services.remove(&key).is_some()
     }
 
     /// Adds or replaces an EndpointSlice.
@@ -158,6 +213,7 @@ impl ClusterState {
         let key = slice.key.clone();
         self.remove_slice(&key.namespace, &key.name);
         let owner = ObjectKey::new(&key.namespace, &slice.service);
+        self.forget(&owner);
         self.slice_owner.insert(key.clone(), owner.clone());
         self.slices
             .entry(owner)
@@ -171,6 +227,7 @@ impl ClusterState {
         let Some(owner) = self.slice_owner.remove(&key) else {
             return false;
         };
+        self.forget(&owner);
         if let Some(group) = self.slices.get_mut(&owner) {
             group.remove(name);
             if group.is_empty() {
@@ -189,6 +246,11 @@ impl ClusterState {
     /// Sets converted node information (or clears it).
     pub fn set_node_info(&mut self, node: Option<NodeInfo>) {
         self.node = node;
+    }
+
+    /// Forgets this node's Node object.
+    pub fn clear_node(&mut self) {
+        self.node = None;
     }
 
     /// This node's information, when its Node object is known.
@@ -211,12 +273,14 @@ impl ClusterState {
     /// Drops all Services (before a relist replaces them).
     pub fn clear_services(&mut self) {
         self.services.clear();
+        self.forget_all();
     }
 
     /// Drops all EndpointSlices (before a relist replaces them).
     pub fn clear_slices(&mut self) {
         self.slices.clear();
         self.slice_owner.clear();
+        self.forget_all();
     }
 
     /// Drops all ServiceCIDRs (before a relist replaces them).
@@ -258,57 +322,23 @@ impl ClusterState {
             zone: node.zone.as_deref(),
             prefer_same_node: node.prefer_same_node,
         };
+        let mut cache = self.cache();
+        if cache.node.as_ref() != Some(node) {
+            // Locality and topology depend on the node: nothing cached still holds.
+            cache.services.clear();
+            cache.node = Some(node.clone());
+        }
         let mut ports = Vec::new();
         for svc in self.services.values() {
-            let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.contains(ip)) else {
+            let key = (family, svc.key.clone());
+            if let Some(cached) = cache.services.get(&key) {
+                ports.extend(cached.iter().cloned());
                 continue;
-            };
-            let slices = self.slices.get(&svc.key);
-            for p in &svc.ports {
-                let sp = ServicePort {
-                    name: ServicePortName {
-                        namespace: svc.key.namespace.clone(),
-                        name: svc.key.name.clone(),
-                        port: p.name.clone(),
-                        protocol: p.protocol,
-                    },
-                    cluster_ip: *cluster_ip,
-                    port: p.port,
-                    node_port: p.node_port,
-                    external_ips: svc
-                        .external_ips
-                        .iter()
-                        .filter(|ip| family.contains(ip))
-                        .copied()
-                        .collect(),
-                    lb_ips: svc
-                        .lb_ips
-                        .iter()
-                        .chain(svc.lb_proxy_ips.iter().filter(|_| self.ignore_lb_ip_mode))
-                        .filter(|ip| family.contains(ip))
-                        .copied()
-                        .collect(),
-                    source_ranges: svc
-                        .source_ranges
-                        .iter()
-                        .filter(|n| IpFamily::of_net(n) == family)
-                        .copied()
-                        .collect(),
-                    external_policy_local: svc.external_policy_local,
-                    internal_policy_local: svc.internal_policy_local,
-                    health_check_node_port: svc.health_check_node_port,
-                    affinity_timeout: svc.affinity_timeout,
-                };
-                let endpoints = merge_endpoints(slices, family, &p.name, p.protocol, &node.name);
-                let selection = categorize(&sp, &endpoints, &topo);
-                ports.push(PortPlan {
-                    svc: sp,
-                    endpoints,
-                    selection,
-                });
             }
+            let derived = self.derive_service(svc, family, node, &topo);
+            ports.extend(derived.iter().cloned());
+            cache.services.insert(key, derived);
         }
-        ports.sort_by(|a, b| a.svc.name.cmp(&b.svc.name));
         let mut service_cidrs: Vec<IpNet> = self
             .service_cidrs
             .values()
@@ -323,6 +353,66 @@ impl ClusterState {
             ports,
             service_cidrs,
         }
+    }
+
+    /// One Service's ports for a family, sorted by port name and protocol.
+    fn derive_service(
+        &self,
+        svc: &Service,
+        family: IpFamily,
+        node: &NodeContext,
+        topo: &Topology<'_>,
+    ) -> Vec<Arc<PortPlan>> {
+        let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.contains(ip)) else {
+            return Vec::new();
+        };
+        let slices = self.slices.get(&svc.key);
+        let mut ports = Vec::with_capacity(svc.ports.len());
+        for p in &svc.ports {
+            let sp = ServicePort {
+                name: ServicePortName {
+                    namespace: svc.key.namespace.clone(),
+                    name: svc.key.name.clone(),
+                    port: p.name.clone(),
+                    protocol: p.protocol,
+                },
+                cluster_ip: *cluster_ip,
+                port: p.port,
+                node_port: p.node_port,
+                external_ips: svc
+                    .external_ips
+                    .iter()
+                    .filter(|ip| family.contains(ip))
+                    .copied()
+                    .collect(),
+                lb_ips: svc
+                    .lb_ips
+                    .iter()
+                    .chain(svc.lb_proxy_ips.iter().filter(|_| self.ignore_lb_ip_mode))
+                    .filter(|ip| family.contains(ip))
+                    .copied()
+                    .collect(),
+                source_ranges: svc
+                    .source_ranges
+                    .iter()
+                    .filter(|n| IpFamily::of_net(n) == family)
+                    .copied()
+                    .collect(),
+                external_policy_local: svc.external_policy_local,
+                internal_policy_local: svc.internal_policy_local,
+                health_check_node_port: svc.health_check_node_port,
+                affinity_timeout: svc.affinity_timeout,
+            };
+            let endpoints = merge_endpoints(slices, family, &p.name, p.protocol, &node.name);
+            let selection = categorize(&sp, &endpoints, topo);
+            ports.push(Arc::new(PortPlan {
+                svc: sp,
+                endpoints,
+                selection,
+            }));
+        }
+        ports.sort_by(|a, b| a.svc.name.cmp(&b.svc.name));
+        ports
     }
 }
 
