@@ -6,8 +6,16 @@
 //! iptables mode and nftables mode. They need root; without it they skip, except when
 //! `CI` is set, where a skip would hide a regression and is a failure instead.
 //!
-//! A failing case prints what was sent and what came back, every snapshot applied and
+//! A failing case prints what was sent and what came back, the last snapshot applied with
 //! kproxy's output, and the node's ruleset and conntrack table.
+//!
+//! Run: `sudo -E cargo test --test dataplane` (or `scripts/test.sh`, which runs every
+//! test). Namespaces are removed by Drop guards, also on panic; leftovers of a killed run
+//! are removed by the next run or by `scripts/netns-cleanup.sh`.
+//!
+//! The echo servers are threads of this test process that entered a pod's namespace
+//! (setns is per thread), not child processes: nothing can outlive the test run, and a
+//! server is ready before the case sends its first packet.
 
 #[path = "dataplane/bed.rs"]
 mod bed;
