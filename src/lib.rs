@@ -9,3 +9,4 @@ pub mod config;
 pub mod iptables;
 pub mod model;
 pub mod snapshot;
+pub mod trace;

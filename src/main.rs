@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Print the rules upstream kube-proxy would write for a cluster snapshot (dry run).
     Render(cli::render::RenderArgs),
+    /// Explain where a packet goes through the rules (rendered, or a saved dump).
+    Trace(cli::trace::TraceArgs),
     /// Print the version.
     Version,
 }
@@ -48,6 +50,7 @@ fn main() {
     init_logging(args.verbosity);
     let result: Result<(), CliError> = match &args.command {
         Command::Render(a) => cli::render::run(a),
+        Command::Trace(a) => cli::trace::run(a),
         Command::Version => {
             println!("kproxy {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -3,6 +3,7 @@
 
 pub mod inputs;
 pub mod render;
+pub mod trace;
 
 use std::fmt;
 

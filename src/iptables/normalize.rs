@@ -224,9 +224,9 @@ pub fn normalize_tables(tables: &mut [Table]) {
         let is_nat = t.name == "nat";
         let is_filter = t.name == "filter";
         for c in t.chains.iter_mut() {
-            if c.name == "KUBE-NODEPORTS" && (is_nat || is_filter) {
-                stable_sort(&mut c.rules, by_service);
-            } else if c.name == "KUBE-SERVICES" && is_filter {
+            let by_name = (c.name == "KUBE-NODEPORTS" && (is_nat || is_filter))
+                || (c.name == "KUBE-SERVICES" && is_filter);
+            if by_name {
                 stable_sort(&mut c.rules, by_service);
             } else if c.name == "KUBE-SERVICES" && is_nat {
                 stable_sort(&mut c.rules, |a, b| {
