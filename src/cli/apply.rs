@@ -44,6 +44,12 @@ fn apply_iptables(inputs: &Inputs) -> Result<(), CliError> {
             crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
         }
         let mut s = settings.clone();
+        if !inputs.capabilities_given {
+            // kproxy does not create nfacct counters; rules must not refer to them
+            // unless the operator says they exist.
+            s.nfacct_invalid = false;
+            s.nfacct_localhost = false;
+        }
         if crate::sysctl::read_int("net/netfilter/nf_conntrack_tcp_be_liberal").unwrap_or(0) != 0 {
             s.tcp_be_liberal = true;
         }

@@ -63,6 +63,8 @@ pub struct Inputs {
     pub families: Vec<FamilySettings>,
     /// Objects skipped as malformed (already logged).
     pub skipped: Vec<snapshot::Skipped>,
+    /// Whether `--iptables-capabilities` was given (else dry-run assumes a modern host).
+    pub capabilities_given: bool,
 }
 
 impl Inputs {
@@ -180,6 +182,7 @@ impl Inputs {
             node,
             families,
             skipped: snap.skipped,
+            capabilities_given: args.iptables_capabilities.is_some(),
         })
     }
 }
