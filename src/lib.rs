@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod iptables;
 pub mod model;
 pub mod nftables;

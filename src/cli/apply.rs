@@ -31,8 +31,14 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
     let inputs = Inputs::load(&args.inputs)?;
     match inputs.config.mode {
         Mode::Iptables => apply_iptables(&inputs),
-        Mode::Nftables => crate::nftables::apply_once(&inputs)
-            .map_err(|e| CliError::failed(format!("nftables apply: {e}"))),
+        Mode::Nftables => {
+            crate::nftables::apply_once(&inputs)
+                .map_err(|e| CliError::failed(format!("nftables apply: {e}")))?;
+            for s in &inputs.families {
+                reconcile_conntrack(&inputs.state.proxy_state(s.family, &inputs.node));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -60,8 +66,19 @@ fn apply_iptables(inputs: &Inputs) -> Result<(), CliError> {
             .sync(&state, true)
             .map_err(|e| CliError::failed(format!("{}: {e}", settings.family.label())))?;
         tracing::info!(family = settings.family.label(), ?report, "applied");
+        reconcile_conntrack(&state);
     }
     Ok(())
+}
+
+/// Deletes UDP/SCTP conntrack entries that point at endpoints no longer serving; a
+/// failure is logged, not fatal (the rules are already in place).
+pub fn reconcile_conntrack(state: &crate::model::ProxyState) {
+    match crate::conntrack::reconcile(state) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "removed stale conntrack entries"),
+        Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
+    }
 }
 
 /// Runs `kproxy cleanup`.
