@@ -7,10 +7,7 @@ use std::time::{Duration, Instant};
 
 use kproxy::config::Config;
 use kproxy::iptables::render::{RenderOptions, Renderer};
-use kproxy::model::{
-    ClusterState, EndpointSlice, IpFamily, NodeContext, ObjectKey, PortSpec, Protocol, Service,
-    ServiceType, SliceEndpoint, SlicePort,
-};
+use kproxy::model::{ClusterState, IpFamily, NodeContext};
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -24,69 +21,8 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn endpoint(i: usize, j: usize) -> SliceEndpoint {
-    let n = i * 10 + j;
-    SliceEndpoint {
-        ip: format!("10.{}.{}.{}", 128 + (n >> 16) % 64, (n >> 8) & 255, n & 255)
-            .parse()
-            .unwrap(),
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: Some(format!("node-{}", n % 100)),
-        zone: None,
-        zone_hints: vec![],
-        node_hints: vec![],
-    }
-}
-
-fn build(services: usize) -> ClusterState {
-    let mut st = ClusterState::new();
-    for i in 0..services {
-        let ns = format!("ns{}", i % 50);
-        let name = format!("svc{i}");
-        st.insert_service(Service {
-            key: ObjectKey::new(&ns, &name),
-            service_type: if i % 4 == 0 {
-                ServiceType::NodePort
-            } else {
-                ServiceType::ClusterIp
-            },
-            cluster_ips: vec![format!("172.30.{}.{}", i >> 8, i & 255).parse().unwrap()],
-            external_ips: vec![],
-            lb_ips: vec![],
-            lb_proxy_ips: vec![],
-            source_ranges: vec![],
-            external_policy_local: false,
-            internal_policy_local: false,
-            health_check_node_port: 0,
-            affinity_timeout: None,
-            traffic_distribution: None,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: if i % 4 == 0 {
-                    30000 + (i / 4) as u16 % 2000
-                } else {
-                    0
-                },
-            }],
-        });
-        st.insert_slice(EndpointSlice {
-            key: ObjectKey::new(&ns, format!("{name}-abcde")),
-            service: name.clone(),
-            family: IpFamily::V4,
-            ports: vec![SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            endpoints: (0..10).map(|j| endpoint(i, j)).collect(),
-            trigger_time: None,
-        });
-    }
-    st
+fn build(n: usize) -> ClusterState {
+    kproxy::model::synthetic::cluster(n, 10)
 }
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {

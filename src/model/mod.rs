@@ -8,6 +8,7 @@ pub mod from_k8s;
 pub mod ip;
 pub mod select;
 mod state;
+pub mod synthetic;
 
 use std::fmt;
 use std::net::IpAddr;

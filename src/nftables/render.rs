@@ -89,7 +89,29 @@ pub struct Rendered {
     pub deleted_stale: Vec<String>,
     /// Services whose chains this sync rewrites.
     pub services_written: usize,
-    next: Applied,
+    update: Update,
+}
+
+/// How the record of what the kernel holds changes once a sync is committed: a full
+/// sync replaces it; a partial sync carries only its changes, so that committing (like
+/// rendering) costs O(changes) rather than O(cluster).
+#[derive(Debug, Clone)]
+enum Update {
+    Replace(Applied),
+    Delta(Delta),
+}
+
+#[derive(Debug, Clone, Default)]
+struct Delta {
+    services: Vec<(Arc<ObjectKey>, Arc<AppliedService>)>,
+    mirror_set: Vec<((String, String), Element)>,
+    mirror_remove: Vec<(String, String)>,
+    chains_add: Vec<String>,
+    chains_remove: Vec<String>,
+    affinity_add: Vec<String>,
+    affinity_remove: Vec<String>,
+    stale: BTreeMap<String, u64>,
+    service_cidrs: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,7 +185,29 @@ impl NftRenderer {
 
     /// Records that `rendered` (clean-up and main) was accepted by the kernel.
     pub fn commit(&mut self, rendered: Rendered) {
-        self.applied = Some(rendered.next);
+        match rendered.update {
+            Update::Replace(a) => self.applied = Some(a),
+            Update::Delta(d) => {
+                let a = self.applied.get_or_insert_with(Applied::default);
+                a.services = d.services;
+                for (k, e) in d.mirror_set {
+                    a.mirror.insert(k, e);
+                }
+                for k in d.mirror_remove {
+                    a.mirror.remove(&k);
+                }
+                for c in d.chains_remove {
+                    a.chains.remove(&c);
+                }
+                a.chains.extend(d.chains_add);
+                for s in d.affinity_remove {
+                    a.affinity_sets.remove(&s);
+                }
+                a.affinity_sets.extend(d.affinity_add);
+                a.stale = d.stale;
+                a.service_cidrs = d.service_cidrs;
+            }
+        }
         self.force_full = false;
     }
 
@@ -846,9 +890,195 @@ impl NftRenderer {
         objs
     }
 
+    /// Writes one Service's affinity sets and chains into `tx`; returns its record
+    /// (element operations are the caller's: they are diffed against the mirror).
+    fn rewrite_service(&self, group: &[Arc<PortPlan>], tx: &mut Transaction) -> AppliedService {
+        let mut chains = Vec::new();
+        let mut affinity = Vec::new();
+        let mut elements = Vec::new();
+        for port in group {
+            let objs = self.port_objects(port);
+            for s in objs.affinity_sets {
+                affinity.push(s.name.clone());
+                tx.push(Op::AddSet(s));
+            }
+            for (c, rules) in objs.chains {
+                let name = c.name.clone();
+                chains.push(name.clone());
+                // `add` (the chain may not exist yet), then `flush` (it may).
+                tx.push(Op::AddChain(c));
+                tx.push(Op::FlushChain(name));
+                for r in rules {
+                    tx.push(Op::AddRule(r));
+                }
+            }
+            elements.extend(objs.elements);
+        }
+        AppliedService {
+            ports: group.to_vec(),
+            chains,
+            affinity_sets: affinity,
+            elements,
+        }
+    }
+
+    /// An incremental sync against our own record: only Services whose desired
+    /// content changed are rewritten, and only their elements and chains are diffed,
+    /// so the cost follows the change, not the cluster.
+    fn render_partial(&self, state: &ProxyState, now: u64, a: &Applied) -> Rendered {
+        let family = self.family();
+        let mut stale = a.stale.clone();
+        // 1. Stale chains flushed long enough ago go in their own transaction, first.
+        let aged: Vec<String> = stale
+            .iter()
+            .filter(|(c, t)| {
+                now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS && a.chains.contains(*c)
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        let cleanup = if aged.is_empty() {
+            None
+        } else {
+            let mut tx = Transaction::new(family, TABLE);
+            for c in &aged {
+                tx.push(Op::DeleteChain(c.clone()));
+                stale.remove(c);
+            }
+            Some(tx)
+        };
+        stale.retain(|c, _| a.chains.contains(c));
+
+        let mut tx = Transaction::new(family, TABLE);
+        if a.service_cidrs != state.service_cidrs {
+            tx.push(Op::FlushChain("cluster-ips-check".into()));
+            self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
+        }
+        let mut delta = Delta {
+            service_cidrs: state.service_cidrs.clone(),
+            chains_remove: aged.clone(),
+            ..Delta::default()
+        };
+        let mut services_written = 0;
+        // Old versions of Services that changed or went away, new versions of those
+        // that changed or appeared.
+        let mut old: Vec<&AppliedService> = Vec::new();
+        let mut new: Vec<Arc<AppliedService>> = Vec::new();
+        let mut prev = a.services.iter().peekable();
+        let same_service = |x: &Arc<PortPlan>, y: &Arc<PortPlan>| {
+            x.svc.name.namespace == y.svc.name.namespace && x.svc.name.name == y.svc.name.name
+        };
+        for group in state.ports.chunk_by(same_service) {
+            let name = &group[0].svc.name;
+            let this = (name.namespace.as_str(), name.name.as_str());
+            while let Some((k, gone)) = prev.peek() {
+                if (k.namespace.as_str(), k.name.as_str()) >= this {
+                    break;
+                }
+                old.push(gone);
+                prev.next();
+            }
+            let mut key = None;
+            if let Some((k, s)) = prev.peek() {
+                if (k.namespace.as_str(), k.name.as_str()) == this {
+                    if s.ports.as_slice() == group {
+                        delta.services.push((Arc::clone(k), Arc::clone(s)));
+                        prev.next();
+                        continue;
+                    }
+                    old.push(s);
+                    key = Some(Arc::clone(k));
+                    prev.next();
+                }
+            }
+            services_written += 1;
+            let key = key.unwrap_or_else(|| Arc::new(group[0].service_key()));
+            let entry = Arc::new(self.rewrite_service(group, &mut tx));
+            new.push(Arc::clone(&entry));
+            delta.services.push((key, entry));
+        }
+        old.extend(prev.map(|(_, s)| s.as_ref()));
+
+        // Elements: add or update what the new versions want, delete what only the old
+        // versions had.
+        let mut wanted: BTreeMap<(String, String), &Element> = BTreeMap::new();
+        for e in new.iter().flat_map(|s| s.elements.iter()) {
+            wanted.insert((e.set.clone(), e.key_text()), e);
+        }
+        let mut element_ops = Vec::new();
+        for e in old.iter().flat_map(|s| s.elements.iter()) {
+            let k = (e.set.clone(), e.key_text());
+            if !wanted.contains_key(&k) && a.mirror.contains_key(&k) {
+                element_ops.push(Op::DeleteElement(e.clone()));
+                delta.mirror_remove.push(k);
+            }
+        }
+        for (k, e) in wanted {
+            match a.mirror.get(&k) {
+                Some(cur) if cur.value == e.value => {}
+                Some(_) => {
+                    element_ops.push(Op::DeleteElement(e.clone()));
+                    element_ops.push(Op::AddElement(e.clone()));
+                    delta.mirror_set.push((k, e.clone()));
+                }
+                None => {
+                    element_ops.push(Op::AddElement(e.clone()));
+                    delta.mirror_set.push((k, e.clone()));
+                }
+            }
+        }
+        tx.ops.extend(element_ops);
+
+        // Chains the old versions had and the new ones do not: flushed now, deleted by
+        // a later sync's clean-up. Rewritten chains are active again.
+        let new_chains: HashSet<&str> = new
+            .iter()
+            .flat_map(|s| s.chains.iter().map(String::as_str))
+            .collect();
+        let mut flushed_stale = Vec::new();
+        for c in old.iter().flat_map(|s| s.chains.iter()) {
+            if new_chains.contains(c.as_str()) || stale.contains_key(c) || aged.contains(c) {
+                continue;
+            }
+            tx.push(Op::FlushChain(c.clone()));
+            stale.insert(c.clone(), now);
+            flushed_stale.push(c.clone());
+        }
+        for c in &new_chains {
+            stale.remove(*c);
+            delta.chains_add.push(c.to_string());
+        }
+        let new_affinity: HashSet<&str> = new
+            .iter()
+            .flat_map(|s| s.affinity_sets.iter().map(String::as_str))
+            .collect();
+        for s in old.iter().flat_map(|s| s.affinity_sets.iter()) {
+            if !new_affinity.contains(s.as_str()) && a.affinity_sets.contains(s) {
+                tx.push(Op::DeleteSet {
+                    name: s.clone(),
+                    is_map: false,
+                });
+                delta.affinity_remove.push(s.clone());
+            }
+        }
+        delta.affinity_add = new_affinity.iter().map(|s| s.to_string()).collect();
+        delta.stale = stale;
+        Rendered {
+            cleanup,
+            main: tx,
+            full: false,
+            flushed_stale,
+            deleted_stale: aged,
+            services_written,
+            update: Update::Delta(delta),
+        }
+    }
+
     /// Renders a sync.
     pub fn render(&self, state: &ProxyState, opts: &RenderOptions<'_>) -> Rendered {
         let full = opts.full || self.needs_full_sync();
+        if let (false, None, Some(prev)) = (full, opts.existing, self.applied.as_ref()) {
+            return self.render_partial(state, opts.now_ms, prev);
+        }
         let family = self.family();
         let now = opts.now_ms;
         let prior = self.applied.as_ref();
@@ -968,29 +1198,9 @@ impl NftRenderer {
                 Some(e) => e,
                 None => {
                     services_written += 1;
-                    let mut chains = Vec::new();
-                    let mut affinity = Vec::new();
-                    let mut elements = Vec::new();
-                    for port in group {
-                        let objs = self.port_objects(port);
-                        for s in objs.affinity_sets {
-                            affinity.push(s.name.clone());
-                            tx.push(Op::AddSet(s));
-                        }
-                        for (c, rules) in objs.chains {
-                            let name = c.name.clone();
-                            chains.push(name.clone());
-                            // `add` (the chain may not exist yet), then `flush` (it may).
-                            tx.push(Op::AddChain(c));
-                            tx.push(Op::FlushChain(name));
-                            for r in rules {
-                                tx.push(Op::AddRule(r));
-                            }
-                        }
-                        elements.extend(objs.elements);
-                    }
+                    let entry = self.rewrite_service(group, &mut tx);
                     // Elements of a rewritten Service: add or update what differs.
-                    for e in &elements {
+                    for e in &entry.elements {
                         let k = (e.set.clone(), e.key_text());
                         match mirror.get(&k) {
                             Some(old) if old.value == e.value => {}
@@ -1005,12 +1215,7 @@ impl NftRenderer {
                             }
                         }
                     }
-                    Arc::new(AppliedService {
-                        ports: group.to_vec(),
-                        chains,
-                        affinity_sets: affinity,
-                        elements,
-                    })
+                    Arc::new(entry)
                 }
             };
             for e in &entry.elements {
@@ -1080,7 +1285,7 @@ impl NftRenderer {
             flushed_stale,
             deleted_stale: aged,
             services_written,
-            next,
+            update: Update::Replace(next),
         }
     }
 }

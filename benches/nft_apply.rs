@@ -1,0 +1,123 @@
+//! nftables apply benchmark (root): a full 10k Services × 10 endpoints ruleset applied
+//! (a) over kproxy's netlink batches and (b) as `nft -f` of the dry-run text (upstream's
+//! way), each into a fresh network namespace; then one-endpoint changes at 10k Services
+//! over netlink, end to end (derive state + render + encode + kernel ack).
+//! Run: `cargo bench --bench nft_apply` (SIZES=2000,10000 to choose sizes).
+
+#[path = "../tests/support/netns.rs"]
+mod netns;
+
+use std::time::{Duration, Instant};
+
+use kproxy::config::Config;
+use kproxy::model::{synthetic, IpFamily, NodeContext};
+use kproxy::nftables::netlink::Netlink;
+use kproxy::nftables::render::{NftRenderer, RenderOptions};
+use kproxy::nftables::text::transaction_text;
+use kproxy::nftables::COLD_SYNC_BATCH_OPS;
+use netns::Netns;
+
+fn main() {
+    if !netns::require_root("nft_apply bench") {
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("SIZES")
+        .unwrap_or_else(|_| "2000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let cfg = Config {
+        cluster_cidrs: vec!["10.128.0.0/10".parse().unwrap()],
+        ..Config::default()
+    };
+    let settings = cfg.family_settings(
+        IpFamily::V4,
+        "node-1",
+        None,
+        &["192.168.0.2/24".parse().unwrap()],
+    );
+    let node = NodeContext {
+        name: "node-1".into(),
+        zone: None,
+        prefer_same_node: true,
+    };
+    println!("| services × endpoints | operations | netlink full apply | nft -f full apply | speed-up | 1-endpoint change p50 / max (20 runs) |");
+    println!("|---|---|---|---|---|---|");
+    for n in sizes {
+        let mut state = synthetic::cluster(n, 10);
+        let ps = state.proxy_state(IpFamily::V4, &node);
+        let tx = NftRenderer::new(settings.clone())
+            .render(&ps, &RenderOptions::default())
+            .main;
+        let ops = tx.len();
+        let text = transaction_text(&tx);
+
+        // (b) upstream's way: the whole text through nft -f.
+        let b_ns = Netns::new("bnft");
+        let t = Instant::now();
+        let (ok, _, err) = b_ns.exec_stdin(&["nft", "-f", "-"], &text);
+        let t_nft = t.elapsed();
+        assert!(ok, "nft -f: {err}");
+        drop(b_ns);
+
+        // (a) netlink, with the renderer's full sync split into bounded batches.
+        let a_ns = Netns::new("bnl");
+        let settings2 = settings.clone();
+        let node2 = node.clone();
+        let (t_netlink, changes) = a_ns.run(move || {
+            let mut nl = Netlink::open().unwrap();
+            let mut r = NftRenderer::new(settings2);
+            let t = Instant::now();
+            let ps = state.proxy_state(IpFamily::V4, &node2);
+            let out = r.render(&ps, &RenderOptions::default());
+            for part in out.main.clone().split(COLD_SYNC_BATCH_OPS) {
+                nl.apply(&part).unwrap();
+            }
+            let t_full = t.elapsed();
+            r.commit(out);
+            let mut changes: Vec<Duration> = Vec::new();
+            for k in 0..20usize {
+                // One endpoint of one Service moves.
+                let mut slice = state
+                    .slices()
+                    .find(|s| s.service == format!("svc{}", 7 + k))
+                    .cloned()
+                    .unwrap();
+                slice.endpoints[3].ip = std::net::IpAddr::from([10, 200, 0, k as u8]);
+                state.insert_slice(slice);
+                let t = Instant::now();
+                let ps = state.proxy_state(IpFamily::V4, &node2);
+                let out = r.render(
+                    &ps,
+                    &RenderOptions {
+                        full: false,
+                        now_ms: 0,
+                        existing: None,
+                    },
+                );
+                let rendered_at = t.elapsed();
+                nl.apply(&out.main).unwrap();
+                changes.push(t.elapsed());
+                if k == 0 {
+                    eprintln!(
+                        "1-endpoint change: derive+render {:.2} ms, {} operations, apply {:.2} ms",
+                        rendered_at.as_secs_f64() * 1e3,
+                        out.main.len(),
+                        (t.elapsed() - rendered_at).as_secs_f64() * 1e3
+                    );
+                }
+                r.commit(out);
+            }
+            changes.sort();
+            (t_full, changes)
+        });
+        println!(
+            "| {n} × 10 | {ops} | {:.2} s | {:.2} s | {:.1}× | {:.2} ms / {:.2} ms |",
+            t_netlink.as_secs_f64(),
+            t_nft.as_secs_f64(),
+            t_nft.as_secs_f64() / t_netlink.as_secs_f64(),
+            changes[changes.len() / 2].as_secs_f64() * 1e3,
+            changes[changes.len() - 1].as_secs_f64() * 1e3,
+        );
+    }
+}
