@@ -1005,9 +1005,11 @@ impl NftRenderer {
             wanted.insert((e.set.clone(), e.key_text()), e);
         }
         let mut element_ops = Vec::new();
+        let mut deleted: HashSet<(String, String)> = HashSet::new();
         for e in old.iter().flat_map(|s| s.elements.iter()) {
             let k = (e.set.clone(), e.key_text());
-            if !wanted.contains_key(&k) && a.mirror.contains_key(&k) {
+            // Ports of one Service share its cluster IP: delete each key once.
+            if !wanted.contains_key(&k) && a.mirror.contains_key(&k) && deleted.insert(k.clone()) {
                 element_ops.push(Op::DeleteElement(e.clone()));
                 delta.mirror_remove.push(k);
             }
