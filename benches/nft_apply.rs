@@ -52,13 +52,20 @@ fn main() {
         let ops = tx.len();
         let text = transaction_text(&tx);
 
-        // (b) upstream's way: the whole text through nft -f.
-        let b_ns = Netns::new("bnft");
-        let t = Instant::now();
-        let (ok, _, err) = b_ns.exec_stdin(&["nft", "-f", "-"], &text);
-        let t_nft = t.elapsed();
-        assert!(ok, "nft -f: {err}");
-        drop(b_ns);
+        // (b) upstream's way: the whole text through nft -f (SKIP_NFT=1 skips it).
+        let t_nft = if std::env::var_os("SKIP_NFT").is_some() {
+            Duration::ZERO
+        } else {
+            let b_ns = Netns::new("bnft");
+            let t = Instant::now();
+            let (ok, _, err) = b_ns.exec_stdin(&["nft", "-f", "-"], &text);
+            assert!(ok, "nft -f: {err}");
+            t.elapsed()
+        };
+        let batch_ops: usize = std::env::var("BATCH_OPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(COLD_SYNC_BATCH_OPS);
 
         // (a) netlink, with the renderer's full sync split into bounded batches.
         let a_ns = Netns::new("bnl");
@@ -70,7 +77,7 @@ fn main() {
             let t = Instant::now();
             let ps = state.proxy_state(IpFamily::V4, &node2);
             let out = r.render(&ps, &RenderOptions::default());
-            for part in out.main.clone().split(COLD_SYNC_BATCH_OPS) {
+            for part in out.main.clone().split(batch_ops) {
                 nl.apply(&part).unwrap();
             }
             let t_full = t.elapsed();

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod conntrack;
+pub mod daemon;
 pub mod iptables;
 pub mod model;
 pub mod nftables;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Print the rules upstream kube-proxy would write for a cluster snapshot (dry run).
     Render(cli::render::RenderArgs),
+    /// The node daemon: watch the API server and keep the rules in sync.
+    Run(kproxy::daemon::RunArgs),
     /// Render and apply the rules once to the current network namespace.
     Apply(cli::apply::ApplyArgs),
     /// Remove kproxy's own rules (both modes and families by default); safe to repeat.
@@ -56,6 +58,7 @@ fn main() {
         Command::Render(a) => cli::render::run(a),
         Command::Trace(a) => cli::trace::run(a),
         Command::Apply(a) => cli::apply::run_apply(a),
+        Command::Run(a) => kproxy::daemon::run(a).map_err(CliError::failed),
         Command::Cleanup(a) => cli::apply::run_cleanup(a),
         Command::Version => {
             println!("kproxy {}", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,108 @@
+//! Tiny HTTP/1.1 servers on std threads for the fixed, tiny endpoints kube-proxy serves
+//! (`/healthz`, `/livez`, health-check node ports, `/metrics`): one request per
+//! connection, no keep-alive, bounded request size.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A response.
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers besides Content-Length and Connection.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: String,
+}
+
+/// A running server; stops (and frees its port) when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it notices.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+fn handle(mut stream: TcpStream, handler: &(dyn Fn(&str, &str) -> Response + Send + Sync)) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("GET").to_string();
+    let path = parts.next().unwrap_or("/").to_string();
+    // Drain the headers (bounded).
+    for _ in 0..100 {
+        let mut h = String::new();
+        match reader.read_line(&mut h) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if h == "\r\n" || h == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let resp = handler(&method, &path);
+    let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
+    for (k, v) in &resp.headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        resp.body.len(),
+        resp.body
+    ));
+    let _ = stream.write_all(out.as_bytes());
+}
+
+/// Serves `handler(method, path)` on `addr` until the returned [`Server`] is dropped.
+pub fn serve(
+    addr: SocketAddr,
+    handler: impl Fn(&str, &str) -> Response + Send + Sync + 'static,
+) -> std::io::Result<Server> {
+    let listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(s) = conn {
+                let h = Arc::clone(&handler);
+                std::thread::spawn(move || handle(s, h.as_ref()));
+            }
+        }
+    });
+    Ok(Server { stop, addr })
+}

@@ -1,0 +1,162 @@
+//! kube-rs watchers feeding the cluster state. A relist (watcher `Init` … `InitDone`)
+//! replaces a kind's objects wholesale, so deletions missed while disconnected still
+//! take effect; individual events only ever refine that.
+
+use std::sync::{Arc, PoisonError};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::Shared;
+use crate::config::Config;
+use crate::model::from_k8s::SkipReason;
+use crate::model::ClusterState;
+
+/// A client from `--kubeconfig` (or in-cluster / the default kubeconfig), with
+/// `--master` overriding the server address.
+pub async fn client(cfg: &Config, master: Option<&str>) -> Result<Client, String> {
+    let mut kc = match &cfg.kubeconfig {
+        Some(path) => {
+            let k = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading kubeconfig {path}: {e}"))?;
+            kube::Config::from_custom_kubeconfig(k, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {path}: {e}"))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no kubeconfig and not in a cluster: {e}"))?,
+    };
+    if let Some(m) = master {
+        kc.cluster_url = m
+            .parse()
+            .map_err(|e| format!("--master {m:?}: {e}"))?;
+    }
+    Client::try_from(kc).map_err(|e| format!("kubernetes client: {e}"))
+}
+
+fn report<K: Resource>(shared: &Shared, obj: &K, kind: &str, r: Result<(), SkipReason>) {
+    if let Err(SkipReason::Invalid(reason)) = r {
+        let ns = obj.meta().namespace.clone().unwrap_or_default();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        tracing::warn!(object = %format!("{kind} {ns}/{name}"), %reason, "skipping malformed object");
+        shared.metrics.skipped_object();
+    }
+}
+
+/// Runs one watcher until the process ends.
+async fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    shared: Arc<Shared>,
+    index: usize,
+    optional: bool,
+    apply: fn(&mut ClusterState, &K) -> Result<(), SkipReason>,
+    delete: fn(&mut ClusterState, &K),
+    reset: fn(&mut ClusterState),
+) where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut buffer: Vec<K> = Vec::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => buffer.clear(),
+            Ok(Event::InitApply(o)) => buffer.push(o),
+            Ok(Event::InitDone) => {
+                {
+                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    reset(&mut st);
+                    for o in buffer.drain(..) {
+                        let r = apply(&mut st, &o);
+                        report(&shared, &o, &kind, r);
+                    }
+                }
+                shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[index] = true;
+                shared.changed();
+            }
+            Ok(Event::Apply(o)) => {
+                shared.metrics.change(index == 1);
+                let r = {
+                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    apply(&mut st, &o)
+                };
+                report(&shared, &o, &kind, r);
+                shared.changed();
+            }
+            Ok(Event::Delete(o)) => {
+                shared.metrics.change(index == 1);
+                {
+                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    delete(&mut st, &o);
+                }
+                shared.changed();
+            }
+            Err(e) => {
+                tracing::warn!(kind = %kind, error = %e, "watch error; retrying");
+                if optional {
+                    // An API the server lacks (e.g. ServiceCIDR before 1.33) must not
+                    // hold the first sync back.
+                    shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[index] = true;
+                    shared.wake.notify_all();
+                }
+            }
+        }
+    }
+}
+
+/// Starts the four watchers on the runtime.
+pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Shared>, node: String) {
+    rt.spawn(watch_kind::<Service>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels("!service.kubernetes.io/service-proxy-name"),
+        Arc::clone(&shared),
+        0,
+        false,
+        |st, o| st.upsert_service(o),
+        |st, o| {
+            st.remove_service(&o.namespace().unwrap_or_default(), &o.name_any());
+        },
+        ClusterState::clear_services,
+    ));
+    rt.spawn(watch_kind::<EndpointSlice>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels("!service.kubernetes.io/headless"),
+        Arc::clone(&shared),
+        1,
+        false,
+        |st, o| st.upsert_slice(o),
+        |st, o| {
+            st.remove_slice(&o.namespace().unwrap_or_default(), &o.name_any());
+        },
+        ClusterState::clear_slices,
+    ));
+    rt.spawn(watch_kind::<Node>(
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+        Arc::clone(&shared),
+        2,
+        true,
+        |st, o| st.set_node(o),
+        |st, _| st.clear_node(),
+        ClusterState::clear_node,
+    ));
+    rt.spawn(watch_kind::<ServiceCIDR>(
+        Api::all(client),
+        watcher::Config::default(),
+        shared,
+        3,
+        true,
+        |st, o| st.upsert_service_cidr(o),
+        |st, o| {
+            st.remove_service_cidr(&o.name_any());
+        },
+        ClusterState::clear_service_cidrs,
+    ));
+}
