@@ -75,7 +75,10 @@ impl Health {
         self.lock().node_eligible = eligible;
     }
 
-    fn healthy_families(&self, now: SystemTime) -> (bool, Vec<(IpFamily, Option<SystemTime>, bool)>) {
+    fn healthy_families(
+        &self,
+        now: SystemTime,
+    ) -> (bool, Vec<(IpFamily, Option<SystemTime>, bool)>) {
         let st = self.lock();
         let mut all = true;
         let mut out = Vec::new();
@@ -106,7 +109,8 @@ impl Health {
         let last_text = if ok {
             rfc3339(now)
         } else {
-            last.map(rfc3339).unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
+            last.map(rfc3339)
+                .unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
         };
         let mut body = format!(
             "{{\"lastUpdated\":\"{last_text}\",\"currentTime\":\"{}\"",
@@ -123,7 +127,8 @@ impl Health {
                     format!(
                         "\"{}\":{{\"lastUpdated\":\"{}\",\"healthy\":{h}}}",
                         f.label(),
-                        l.map(rfc3339).unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
+                        l.map(rfc3339)
+                            .unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
                     )
                 })
                 .collect();
@@ -143,14 +148,16 @@ impl Health {
 
 /// Serves `/healthz` and `/livez`.
 pub fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server> {
-    serve(addr, move |_, path| match path.split('?').next().unwrap_or("") {
-        "/healthz" => health.response(true),
-        "/livez" => health.response(false),
-        _ => Response {
-            status: 404,
-            headers: vec![],
-            body: "404 page not found\n".into(),
-        },
+    serve(addr, move |_, path| {
+        match path.split('?').next().unwrap_or("") {
+            "/healthz" => health.response(true),
+            "/livez" => health.response(false),
+            _ => Response {
+                status: 404,
+                headers: vec![],
+                body: "404 page not found\n".into(),
+            },
+        }
     })
 }
 
@@ -183,7 +190,8 @@ impl ServiceHealth {
     /// Opens, keeps or closes servers to match the state, and updates the counts of
     /// distinct local ready endpoint IPs they report.
     pub fn update(&mut self, state: &ProxyState) {
-        let mut wanted: BTreeMap<ObjectKey, (u16, std::collections::BTreeSet<IpAddr>)> = BTreeMap::new();
+        let mut wanted: BTreeMap<ObjectKey, (u16, std::collections::BTreeSet<IpAddr>)> =
+            BTreeMap::new();
         for p in &state.ports {
             if p.svc.health_check_node_port == 0 {
                 continue;
@@ -232,7 +240,9 @@ impl ServiceHealth {
                 Ok(server) => {
                     self.servers.insert(key, (port, server));
                 }
-                Err(e) => tracing::warn!(service = %key, port, error = %e, "failed to start healthcheck"),
+                Err(e) => {
+                    tracing::warn!(service = %key, port, error = %e, "failed to start healthcheck")
+                }
             }
         }
     }

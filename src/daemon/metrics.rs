@@ -163,27 +163,31 @@ impl Metrics {
 
 /// Serves `/metrics`, `/healthz` and `/proxyMode`.
 pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<Server> {
-    super::http::serve(addr, move |_, path| match path.split('?').next().unwrap_or("") {
-        "/metrics" => Response {
-            status: 200,
-            headers: vec![("Content-Type", "text/plain; version=0.0.4; charset=utf-8".into())],
-            body: metrics.render(),
-        },
-        "/healthz" => Response {
-            status: 200,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
-            body: "ok".into(),
-        },
-        "/proxyMode" => Response {
-            status: 200,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
-            body: mode.as_str().into(),
-        },
-        _ => Response {
-            status: 404,
-            headers: vec![],
-            body: "404 page not found\n".into(),
-        },
+    super::http::serve(addr, move |_, path| {
+        match path.split('?').next().unwrap_or("") {
+            "/metrics" => Response {
+                status: 200,
+                headers: vec![(
+                    "Content-Type",
+                    "text/plain; version=0.0.4; charset=utf-8".into(),
+                )],
+                body: metrics.render(),
+            },
+            "/healthz" => Response {
+                status: 200,
+                headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+                body: "ok".into(),
+            },
+            "/proxyMode" => Response {
+                status: 200,
+                headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+                body: mode.as_str().into(),
+            },
+            _ => Response {
+                status: 404,
+                headers: vec![],
+                body: "404 page not found\n".into(),
+            },
+        }
     })
 }
-

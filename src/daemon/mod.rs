@@ -57,7 +57,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub metrics_bind_address: Option<String>,
     /// Minimum time between syncs (e.g. 1s, 0s).
-    #[arg(long, alias = "iptables-min-sync-period", alias = "nftables-min-sync-period")]
+    #[arg(
+        long,
+        alias = "iptables-min-sync-period",
+        alias = "nftables-min-sync-period"
+    )]
     pub min_sync_period: Option<String>,
     /// Retry interval after a failed sync.
     #[arg(long, alias = "iptables-sync-period", alias = "nftables-sync-period")]
@@ -132,7 +136,11 @@ impl Dataplane for NftDataplane {
                 nl.apply(c)?;
             }
             if self.first && existing.is_none() {
-                for part in rendered.main.clone().split(crate::nftables::COLD_SYNC_BATCH_OPS) {
+                for part in rendered
+                    .main
+                    .clone()
+                    .split(crate::nftables::COLD_SYNC_BATCH_OPS)
+                {
                     nl.apply(&part)?;
                 }
                 Ok(())
@@ -203,8 +211,16 @@ fn build_config(args: &RunArgs) -> Result<Config, String> {
         cfg.hostname_override = Some(h.clone());
     }
     for (flag, val, slot) in [
-        ("--healthz-bind-address", &args.healthz_bind_address, &mut cfg.healthz_bind_address),
-        ("--metrics-bind-address", &args.metrics_bind_address, &mut cfg.metrics_bind_address),
+        (
+            "--healthz-bind-address",
+            &args.healthz_bind_address,
+            &mut cfg.healthz_bind_address,
+        ),
+        (
+            "--metrics-bind-address",
+            &args.metrics_bind_address,
+            &mut cfg.metrics_bind_address,
+        ),
     ] {
         if let Some(v) = val {
             match v.parse::<SocketAddr>() {
@@ -214,7 +230,11 @@ fn build_config(args: &RunArgs) -> Result<Config, String> {
         }
     }
     for (flag, val, slot) in [
-        ("--min-sync-period", &args.min_sync_period, &mut cfg.min_sync_period),
+        (
+            "--min-sync-period",
+            &args.min_sync_period,
+            &mut cfg.min_sync_period,
+        ),
         ("--sync-period", &args.sync_period, &mut cfg.sync_period),
     ] {
         if let Some(v) = val {
@@ -296,10 +316,11 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         let stop = Arc::clone(&stop);
         let shared = Arc::clone(&shared);
         rt.spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
             tokio::select! {
                 _ = term.recv() => {},
                 _ = tokio::signal::ctrl_c() => {},
@@ -345,7 +366,9 @@ fn sync_loop(
         .cloned();
     let mut hc_bind = IpAddr::from([0, 0, 0, 0]);
     for f in families {
-        let has_family = addrs.iter().any(|a| f.contains(&a.addr()) && !a.addr().is_loopback())
+        let has_family = addrs
+            .iter()
+            .any(|a| f.contains(&a.addr()) && !a.addr().is_loopback())
             || *f == IpFamily::V4;
         if !has_family {
             continue;
@@ -420,7 +443,10 @@ fn sync_loop(
                 prefer_same_node: cfg.feature_gate("PreferSameTrafficDistribution"),
             };
             let eligible = st.node().is_some_and(|n| !n.being_deleted);
-            let states: Vec<ProxyState> = planes.iter().map(|(f, _)| st.proxy_state(*f, &node)).collect();
+            let states: Vec<ProxyState> = planes
+                .iter()
+                .map(|(f, _)| st.proxy_state(*f, &node))
+                .collect();
             (states, eligible)
         };
         shared.health.set_node_eligible(eligible);

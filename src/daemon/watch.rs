@@ -33,9 +33,7 @@ pub async fn client(cfg: &Config, master: Option<&str>) -> Result<Client, String
             .map_err(|e| format!("no kubeconfig and not in a cluster: {e}"))?,
     };
     if let Some(m) = master {
-        kc.cluster_url = m
-            .parse()
-            .map_err(|e| format!("--master {m:?}: {e}"))?;
+        kc.cluster_url = m.parse().map_err(|e| format!("--master {m:?}: {e}"))?;
     }
     Client::try_from(kc).map_err(|e| format!("kubernetes client: {e}"))
 }
@@ -60,7 +58,13 @@ async fn watch_kind<K>(
     delete: fn(&mut ClusterState, &K),
     reset: fn(&mut ClusterState),
 ) where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let kind = K::kind(&()).to_string();
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
