@@ -76,6 +76,12 @@ pub trait Dataplane {
     /// Renders and applies; a failure leaves "applied" unchanged and makes the next
     /// sync full.
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String>;
+
+    /// A follow-up sync this dataplane needs even without changes (e.g. to delete
+    /// chains it flushed, once the kernel let go of them).
+    fn resync_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Dataplane for IptablesDataplane {
@@ -107,6 +113,11 @@ impl NftDataplane {
 }
 
 impl Dataplane for NftDataplane {
+    fn resync_after(&self) -> Option<Duration> {
+        (!self.renderer.stale_chains().is_empty())
+            .then(|| Duration::from_millis(crate::nftables::render::STALE_CHAIN_DELAY_MS + 100))
+    }
+
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String> {
         if self.netlink.is_none() {
             self.netlink = Some(Netlink::open().map_err(|e| e.to_string())?);
@@ -404,6 +415,7 @@ fn sync_loop(
     let mut last_full = Instant::now();
     let mut force_full = true;
     let mut backoff = Duration::from_millis(500);
+    let mut follow_up: Option<Duration> = None;
     loop {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -411,7 +423,12 @@ fn sync_loop(
         // Wait for a change, the periodic full resync, or a retry.
         {
             let mut dirty = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-            let deadline = Instant::now() + if force_full { backoff } else { cfg.sync_period };
+            let wait = if force_full {
+                backoff
+            } else {
+                follow_up.unwrap_or(cfg.sync_period).min(cfg.sync_period)
+            };
+            let deadline = Instant::now() + wait;
             while !*dirty && !stop.load(Ordering::SeqCst) && !force_full {
                 let now = Instant::now();
                 if now >= deadline {
@@ -469,6 +486,7 @@ fn sync_loop(
         if let Some(state) = states.first() {
             hc.update(state);
         }
+        follow_up = planes.iter().filter_map(|(_, dp)| dp.resync_after()).min();
         last_sync = Some(Instant::now());
         if ok {
             if full {

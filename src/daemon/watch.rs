@@ -47,17 +47,20 @@ fn report<K: Resource>(shared: &Shared, obj: &K, kind: &str, r: Result<(), SkipR
     }
 }
 
-/// Runs one watcher until the process ends.
-async fn watch_kind<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    shared: Arc<Shared>,
+/// How one kind feeds the cluster state.
+struct Kind<K> {
+    /// Slot in `Shared::synced`.
     index: usize,
+    /// The first sync may proceed without it (APIs an older server lacks).
     optional: bool,
     apply: fn(&mut ClusterState, &K) -> Result<(), SkipReason>,
     delete: fn(&mut ClusterState, &K),
     reset: fn(&mut ClusterState),
-) where
+}
+
+/// Runs one watcher until the process ends.
+async fn watch_kind<K>(api: Api<K>, config: watcher::Config, shared: Arc<Shared>, kind_: Kind<K>)
+where
     K: Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
@@ -66,6 +69,13 @@ async fn watch_kind<K>(
         + Sync
         + 'static,
 {
+    let Kind {
+        index,
+        optional,
+        apply,
+        delete,
+        reset,
+    } = kind_;
     let kind = K::kind(&()).to_string();
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut buffer: Vec<K> = Vec::new();
@@ -121,46 +131,54 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
         Api::all(client.clone()),
         watcher::Config::default().labels("!service.kubernetes.io/service-proxy-name"),
         Arc::clone(&shared),
-        0,
-        false,
-        |st, o| st.upsert_service(o),
-        |st, o| {
-            st.remove_service(&o.namespace().unwrap_or_default(), &o.name_any());
+        Kind {
+            index: 0,
+            optional: false,
+            apply: |st, o| st.upsert_service(o),
+            delete: |st, o| {
+                st.remove_service(&o.namespace().unwrap_or_default(), &o.name_any());
+            },
+            reset: ClusterState::clear_services,
         },
-        ClusterState::clear_services,
     ));
     rt.spawn(watch_kind::<EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default().labels("!service.kubernetes.io/headless"),
         Arc::clone(&shared),
-        1,
-        false,
-        |st, o| st.upsert_slice(o),
-        |st, o| {
-            st.remove_slice(&o.namespace().unwrap_or_default(), &o.name_any());
+        Kind {
+            index: 1,
+            optional: false,
+            apply: |st, o| st.upsert_slice(o),
+            delete: |st, o| {
+                st.remove_slice(&o.namespace().unwrap_or_default(), &o.name_any());
+            },
+            reset: ClusterState::clear_slices,
         },
-        ClusterState::clear_slices,
     ));
     rt.spawn(watch_kind::<Node>(
         Api::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node}")),
         Arc::clone(&shared),
-        2,
-        true,
-        |st, o| st.set_node(o),
-        |st, _| st.clear_node(),
-        ClusterState::clear_node,
+        Kind {
+            index: 2,
+            optional: true,
+            apply: |st, o| st.set_node(o),
+            delete: |st, _| st.clear_node(),
+            reset: ClusterState::clear_node,
+        },
     ));
     rt.spawn(watch_kind::<ServiceCIDR>(
         Api::all(client),
         watcher::Config::default(),
         shared,
-        3,
-        true,
-        |st, o| st.upsert_service_cidr(o),
-        |st, o| {
-            st.remove_service_cidr(&o.name_any());
+        Kind {
+            index: 3,
+            optional: true,
+            apply: |st, o| st.upsert_service_cidr(o),
+            delete: |st, o| {
+                st.remove_service_cidr(&o.name_any());
+            },
+            reset: ClusterState::clear_service_cidrs,
         },
-        ClusterState::clear_service_cidrs,
     ));
 }

@@ -1,0 +1,229 @@
+//! `kproxy run` end to end, inside a fresh network namespace, against the fake API
+//! server: the rules follow creates, scaling and deletes; a watch disconnect during
+//! which a Service is deleted and the history compacted (410 Gone -> relist) still
+//! converges; health and metrics answer; SIGTERM stops the daemon and keeps the rules.
+//! Both modes.
+
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_apiserver::FakeApi;
+use netns::{require_root, Netns};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node_yaml() -> &'static str {
+    "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-a}\nstatus:\n  addresses: [{type: InternalIP, address: 10.99.0.1}]\n"
+}
+
+fn service(name: &str, ip: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  type: ClusterIP\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, protocol: TCP}}]\n")
+}
+
+fn slice(svc: &str, ips: &[&str]) -> String {
+    let eps: String = ips
+        .iter()
+        .map(|ip| format!("- addresses: [{ip}]\n  nodeName: node-a\n"))
+        .collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: app\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n")
+}
+
+fn rules(ns: &Netns, mode: &str) -> String {
+    let (_, out, _) = if mode == "nftables" {
+        ns.exec(&["nft", "list", "table", "ip", "kube-proxy"])
+    } else {
+        ns.exec(&["iptables-save"])
+    };
+    out
+}
+
+fn wait_for(ns: &Netns, mode: &str, what: &str, cond: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    loop {
+        let r = rules(ns, mode);
+        if cond(&r) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            panic!("{mode}: timed out waiting for {what}; rules now:\n{r}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    ns.run(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (status, body)
+    })
+}
+
+fn case(mode: &str) {
+    let ns = Netns::new(&format!("dmn{}", &mode[..3]));
+    let api = ns.run(FakeApi::start);
+    let dir = std::env::temp_dir().join(format!("kproxy-e2e-{}-{mode}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    api.apply(node_yaml());
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&slice("web", &["10.244.1.5"]));
+
+    let log = std::fs::File::create(dir.join("kproxy.log")).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_kproxy"),
+            "run",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--proxy-mode",
+            mode,
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--min-sync-period",
+            "0s",
+            "-v",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kproxy run");
+    let mut daemon = Daemon(child);
+    let log_text = || std::fs::read_to_string(dir.join("kproxy.log")).unwrap_or_default();
+
+    // Initial list -> first sync.
+    wait_for(&ns, mode, "the first endpoint", |r| {
+        r.contains("10.244.1.5")
+    });
+    // Scale up.
+    api.apply(&slice("web", &["10.244.1.5", "10.244.1.6"]));
+    wait_for(&ns, mode, "the second endpoint", |r| {
+        r.contains("10.244.1.6")
+    });
+    // A second Service, then a disconnect during which it is deleted and the history
+    // compacted: the watcher gets 410 Gone, relists, and the deletion takes effect.
+    api.apply(&service("api", "10.96.0.20"));
+    api.apply(&slice("api", &["10.244.2.7"]));
+    wait_for(&ns, mode, "the second service", |r| {
+        r.contains("10.96.0.20")
+    });
+    // (The deletion and compaction happen first, so no watch can resume in between
+    // and miss them without a 410.)
+    api.delete("Service", "app", "api", true);
+    api.delete("EndpointSlice", "app", "api-1", true);
+    api.compact();
+    api.disconnect_watches();
+    wait_for(&ns, mode, "the deleted service to go", |r| {
+        !r.contains("10.96.0.20") && !r.contains("10.244.2.7")
+    });
+    // Scale to zero: the ClusterIP rejects.
+    api.apply(&slice("web", &[]));
+    wait_for(&ns, mode, "the endpoints to go", |r| {
+        !r.contains("10.244.1.6")
+    });
+    assert!(
+        rules(&ns, mode).contains("10.96.0.10"),
+        "the ClusterIP keeps a reject rule\n{}",
+        log_text()
+    );
+
+    let (code, body) = http_get(&ns, 10256, "/livez");
+    assert_eq!(code, 200, "/livez: {body}");
+    assert!(body.contains("\"healthy\":true"), "{body}");
+    let (code, body) = http_get(&ns, 10256, "/healthz");
+    assert_eq!(code, 200, "/healthz: {body}");
+    assert!(body.contains("\"nodeEligible\":true"), "{body}");
+    let (code, body) = http_get(&ns, 10249, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"
+        ),
+        "{body}"
+    );
+    let (_, mode_body) = http_get(&ns, 10249, "/proxyMode");
+    assert_eq!(mode_body, mode);
+
+    // SIGTERM: clean exit, rules stay.
+    let pid = daemon.0.id();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = daemon.0.try_wait() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "kproxy did not stop on SIGTERM\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        rules(&ns, mode).contains("10.96.0.10"),
+        "rules must survive a stop"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn daemon_follows_the_api_server_nftables() {
+    if require_root("daemon_follows_the_api_server_nftables") {
+        case("nftables");
+    }
+}
+
+#[test]
+fn daemon_follows_the_api_server_iptables() {
+    if require_root("daemon_follows_the_api_server_iptables") {
+        case("iptables");
+    }
+}
