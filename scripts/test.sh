@@ -26,7 +26,7 @@ echo "== cargo test"
 # Kernel and dataplane tests create their own uniquely named network namespaces.
 log=$(mktemp)
 set +e
-cargo test --all-targets --no-fail-fast 2>&1 | tee "$log"
+cargo test --lib --bins --tests --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 

@@ -21,6 +21,8 @@
 mod bed;
 #[path = "dataplane/echo.rs"]
 mod echo;
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
 #[path = "dataplane/netns.rs"]
 mod netns;
 #[path = "dataplane/snapshot.rs"]
@@ -457,8 +459,8 @@ both_modes!(loadbalancer_external_ip);
 // ---------------------------------------------------------------------------------
 // 6. externalTrafficPolicy Local: local endpoint only, client IP preserved; no local
 // endpoint: dropped.
-// The healthCheckNodePort (200/503) is served by `kproxy run`, not by `apply`; it is
-// not checked here until the daemon can run against a fake API server.
+// The healthCheckNodePorts (200 with a local endpoint, 503 without) are served by
+// `kproxy run`, checked at the end against the fake API server.
 
 fn external_local(mode: Mode) {
     let bed = Bed::builder(mode)
@@ -467,23 +469,23 @@ fn external_local(mode: Mode) {
         .build();
     let (lb_here, lb_away) = (lb_ip(20), lb_ip(21));
     let (np_here, np_away) = (30100, 30101);
-    bed.apply(
-        &bed.snapshot()
-            .service(
-                Service::new("here", service_ip(60, false), PORT, ECHO_PORT)
-                    .load_balancer(np_here, lb_here)
-                    .external_local()
-                    .health_check_node_port(32100)
-                    .endpoints(vec![bed.ep("pod-a", false), bed.ep("pod-r", false)]),
-            )
-            .service(
-                Service::new("away", service_ip(61, false), PORT, ECHO_PORT)
-                    .load_balancer(np_away, lb_away)
-                    .external_local()
-                    .health_check_node_port(32101)
-                    .endpoints(vec![bed.ep("pod-r", false)]),
-            ),
-    );
+    let snap = bed
+        .snapshot()
+        .service(
+            Service::new("here", service_ip(60, false), PORT, ECHO_PORT)
+                .load_balancer(np_here, lb_here)
+                .external_local()
+                .health_check_node_port(32100)
+                .endpoints(vec![bed.ep("pod-a", false), bed.ep("pod-r", false)]),
+        )
+        .service(
+            Service::new("away", service_ip(61, false), PORT, ECHO_PORT)
+                .load_balancer(np_away, lb_away)
+                .external_local()
+                .health_check_node_port(32101)
+                .endpoints(vec![bed.ep("pod-r", false)]),
+        );
+    bed.apply(&snap);
     let (client, _) = bed.client_ips();
     for dst in [addr(bed.node_ip(false), np_here), addr(lb_here, PORT)] {
         let outcomes = bed.exchanges(From::Client, Proto::Tcp, dst, 10, ANSWER_TIMEOUT);
@@ -512,6 +514,29 @@ fn external_local(mode: Mode) {
     }
     bed.expect_dropped(From::Client, Proto::Tcp, addr(bed.node_ip(false), np_away));
     bed.expect_dropped(From::Client, Proto::Tcp, addr(lb_away, PORT));
+
+    // Health-check node ports, as the cloud load balancer probes them from outside.
+    let daemon = bed.run_daemon(&snap).expect("start kproxy run");
+    let probe = |port: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if let Some(r) = bed.http_get(From::Client, addr(bed.node_ip(false), port), "/") {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "healthCheckNodePort {port} never answered; daemon log:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let (code, body) = probe(32100);
+    assert_eq!(code, 200, "local endpoint present: {body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    let (code, body) = probe(32101);
+    assert_eq!(code, 503, "no local endpoint: {body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
 }
 
 both_modes!(external_local);

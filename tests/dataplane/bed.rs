@@ -601,6 +601,57 @@ impl Bed {
         }
     }
 
+    /// Starts `kproxy run` in the node namespace against a fake API server (also in the
+    /// node namespace) that holds `snap`'s objects. The daemon stops when the guard drops.
+    pub fn run_daemon(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
+        let api = self.node.run_in(crate::fake_apiserver::FakeApi::start)?;
+        api.apply_all(&snap.to_yaml()?);
+        let dir = std::env::temp_dir();
+        let kubeconfig = dir.join(format!("{}-kubeconfig", self.stem));
+        std::fs::write(&kubeconfig, api.kubeconfig()).map_err(|e| e.to_string())?;
+        let log = dir.join(format!("{}-daemon.log", self.stem));
+        let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let mut cmd = self.node.command(env!("CARGO_BIN_EXE_kproxy"));
+        cmd.arg("run")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--proxy-mode", self.mode.as_str()])
+            .args(["--hostname-override", NODE])
+            .args(["--cluster-cidr", CLUSTER_CIDR_V4])
+            .args(["--healthz-bind-address", "127.0.0.1:10256"])
+            .args(["--metrics-bind-address", "127.0.0.1:10249"])
+            .args(["--min-sync-period", "0s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().map_err(|e| format!("start kproxy run: {e}"))?;
+        Ok(DaemonGuard {
+            child,
+            log,
+            kubeconfig,
+        })
+    }
+
+    /// An HTTP GET from `from` (status, body); `None` when nothing answered.
+    pub fn http_get(&self, from: From<'_>, dst: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let (ns, _, _) = self.origin(from);
+        let path = path.to_string();
+        ns.run_in(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").ok()?;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            let code = out.split_whitespace().nth(1)?.parse().ok()?;
+            Some((
+                code,
+                out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+            ))
+        })
+        .ok()
+        .flatten()
+    }
+
     /// Runs a shell command line inside the node namespace (harness self-checks write
     /// rules by hand this way).
     pub fn node_sh(&self, script: &str) -> Result<String, String> {
@@ -866,6 +917,29 @@ enum SessionSock {
 }
 
 /// Counts outcomes by answering server (failures as `<refused>`, `<timed out>`, ...).
+/// A running `kproxy run`; killed on drop.
+pub struct DaemonGuard {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl DaemonGuard {
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
 pub fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for o in outcomes {

@@ -155,6 +155,19 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// Creates every object of a `kind: List` (or a single object) given as YAML/JSON.
+    pub fn apply_all(&self, text: &str) {
+        let v: Value = serde_yaml_ng::from_str(text).expect("yaml");
+        let items = if v["kind"].as_str() == Some("List") {
+            v["items"].as_array().cloned().unwrap_or_default()
+        } else {
+            vec![v]
+        };
+        for item in items {
+            self.apply(&item.to_string());
+        }
+    }
+
     /// Deletes an object; `quiet` skips the DELETED event (as if it happened while
     /// watches were down and the history was lost).
     pub fn delete(&self, kind: &str, ns: &str, name: &str, quiet: bool) {
