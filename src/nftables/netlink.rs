@@ -911,7 +911,7 @@ impl Batch {
         op: usize,
         targets: &[Verdict],
     ) -> Result<(String, u32), NetlinkError> {
-        let name = "__map%d".to_string();
+        let name = self.anon_name("__map");
         // numgen writes a host-endian integer; nft records that byte order in the set's
         // user data (type 0, KEYBYTEORDER = 1, host) so listings show 0, 1, 2 …
         let mut user = vec![0u8, 4];
@@ -942,7 +942,7 @@ impl Batch {
         fam: Family,
         list: &[IpNet],
     ) -> Result<(String, u32), NetlinkError> {
-        let name = "__set%d".to_string();
+        let name = self.anon_name("__set");
         let (ty, len) = match fam {
             Family::Ip => (TYPE_IPADDR, 4u32),
             Family::Ip6 => (TYPE_IP6ADDR, 16u32),
@@ -964,6 +964,28 @@ impl Batch {
             .collect();
         self.elems_msg(op, NFT_MSG_NEWSETELEM, &name, Some(id), &elems)?;
         Ok((name, id))
+    }
+
+    /// A concrete, unique name for an anonymous set. nft sends `__set%d` and lets the
+    /// kernel pick a free number, which scans every set of the table with sscanf for
+    /// each new one: quadratic on a cold sync of thousands of Services. Names come
+    /// from a process-wide counter seeded with the start time in nanoseconds, so they
+    /// never repeat an anonymous set still in the table (a repeat would be refused).
+    fn anon_name(&self, prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = SEED.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        format!(
+            "{prefix}k{seed:x}_{:x}",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn finish(mut self) -> Encoded {
@@ -1434,6 +1456,47 @@ impl Netlink {
             }
         }
         Ok(Some(existing))
+    }
+
+    /// Whether one chain exists (a single GETCHAIN, no dump: cheap on big tables).
+    pub fn chain_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, NetlinkError> {
+        let ctable = cstring(table)?;
+        let cchain = cstring(chain)?;
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut m = Msg::new(4096);
+        let nlh = m.hdr(NFT_MSG_GETCHAIN, family.nfproto(), NLM_F_ACK, seq);
+        // SAFETY: a chain object naming the table and chain, serialized into the request.
+        unsafe {
+            let c = sys::nftnl_chain_alloc();
+            sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, ctable.as_ptr());
+            sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_NAME as u16, cchain.as_ptr());
+            sys::nftnl_chain_nlmsg_build_payload(nlh as *mut _, c);
+            sys::nftnl_chain_free(c);
+        }
+        let bytes = m.finish(nlh);
+        self.sock.send(&bytes).map_err(|source| NetlinkError::Io {
+            what: "send getchain",
+            source,
+        })?;
+        let mut found = false;
+        let mut err = 0;
+        self.read_until(seq, |t, s, payload| {
+            if s != seq {
+                return;
+            }
+            if t == NLMSG_ERROR && payload.len() >= 4 {
+                err = -i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            } else if t != NLMSG_DONE {
+                found = true;
+            }
+        })?;
+        Ok(found && err == 0)
     }
 
     /// Deletes our table of a family; a missing table is fine.
