@@ -1,6 +1,6 @@
-//! Golden files in nftables form for our own cases: `cluster.yaml` + `args`
-//! rendered in nftables mode must equal `nftables.nft`. Regenerate on purpose only:
-//! `UPDATE_GOLDEN=1 cargo test --test nft_golden`.
+//! Golden files for our own cases (testdata/golden/<case>/): `cluster.yaml` + `args`
+//! rendered in iptables mode must equal `iptables.rules`, in nftables mode
+//! `nftables.nft`. Regenerate on purpose only: `UPDATE_GOLDEN=1 cargo test --test golden`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,15 +43,14 @@ fn render(dir: &Path, mode: &str) -> String {
     render_text(&inputs).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
-#[test]
-fn golden_nftables() {
+fn check_golden(mode: &str, file_name: &str) {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failures = Vec::new();
     let all = cases();
     assert!(all.len() >= 10, "golden cases missing");
     for dir in all {
-        let got = render(&dir, "nftables");
-        let file = dir.join("nftables.nft");
+        let got = render(&dir, mode);
+        let file = dir.join(file_name);
         if update {
             fs::write(&file, &got).unwrap();
             continue;
@@ -69,11 +68,21 @@ fn golden_nftables() {
 }
 
 #[test]
+fn golden_iptables() {
+    check_golden("iptables", "iptables.rules");
+}
+
+#[test]
+fn golden_nftables() {
+    check_golden("nftables", "nftables.nft");
+}
+
+#[test]
 fn rendering_is_deterministic() {
     for dir in cases() {
         assert_eq!(
-            render(&dir, "nftables"),
-            render(&dir, "nftables"),
+            render(&dir, "iptables"),
+            render(&dir, "iptables"),
             "{}",
             dir.display()
         );
