@@ -123,6 +123,8 @@ fn case(mode: &str) {
             "127.0.0.1:10249",
             "--min-sync-period",
             "0s",
+            "--sync-period",
+            "2s",
             "-v",
             "2",
         ])
@@ -189,6 +191,21 @@ fn case(mode: &str) {
     );
     let (_, mode_body) = http_get(&ns, 10249, "/proxyMode");
     assert_eq!(mode_body, mode);
+
+    if mode == "iptables" {
+        // Someone flushes the tables: the canary chain goes, and the next periodic
+        // check (every syncPeriod) rewrites everything.
+        let (ok, _, err) = ns.exec(&[
+            "sh",
+            "-c",
+            "for t in nat mangle filter; do iptables -t $t -F && iptables -t $t -X; done",
+        ]);
+        assert!(ok, "{err}");
+        assert!(!rules(&ns, mode).contains("10.96.0.10"));
+        wait_for(&ns, mode, "the rules to come back after a flush", |r| {
+            r.contains("10.96.0.10") && r.contains(":KUBE-PROXY-CANARY")
+        });
+    }
 
     // SIGTERM: clean exit, rules stay.
     let pid = daemon.0.id();

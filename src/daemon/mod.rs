@@ -82,9 +82,20 @@ pub trait Dataplane {
     fn resync_after(&self) -> Option<Duration> {
         None
     }
+
+    /// Whether something outside kproxy removed its rules (then the next sync is full).
+    fn rules_flushed(&mut self) -> bool {
+        false
+    }
 }
 
 impl Dataplane for IptablesDataplane {
+    /// Upstream's canary: an empty `KUBE-PROXY-CANARY` chain in mangle; when it is gone,
+    /// someone flushed the tables and everything must be rewritten.
+    fn rules_flushed(&mut self) -> bool {
+        !self.needs_full_sync() && self.iptables().canary_missing()
+    }
+
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String> {
         IptablesDataplane::sync(self, state, full)
             .map(|r| r.full)
@@ -451,7 +462,17 @@ fn sync_loop(
                 *shared.dirty.lock().unwrap_or_else(PoisonError::into_inner) = false;
             }
         }
-        let full = force_full || last_full.elapsed() > Duration::from_secs(3600);
+        let mut flushed = false;
+        for (family, dp) in planes.iter_mut() {
+            if dp.rules_flushed() {
+                tracing::warn!(
+                    family = family.label(),
+                    "kproxy's rules were flushed; resyncing fully"
+                );
+                flushed = true;
+            }
+        }
+        let full = force_full || flushed || last_full.elapsed() > Duration::from_secs(3600);
         let (states, eligible) = {
             let st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
             let node = NodeContext {
