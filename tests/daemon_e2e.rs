@@ -244,3 +244,95 @@ fn daemon_follows_the_api_server_iptables() {
         case("iptables");
     }
 }
+
+#[test]
+fn failed_restore_is_retried_as_a_full_sync() {
+    if !require_root("failed_restore_is_retried_as_a_full_sync") {
+        return;
+    }
+    // An iptables-restore that fails once, then works: the sync is retried, the
+    // failure is counted, and the rules arrive whole.
+    let ns = Netns::new("dmnfail");
+    let api = ns.run(FakeApi::start);
+    let dir = std::env::temp_dir().join(format!("kproxy-e2e-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let marker = dir.join("failed-once");
+    let real = Command::new("sh")
+        .args(["-c", "command -v iptables-nft-restore"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    assert!(!real.is_empty(), "iptables-nft-restore not installed");
+    let script = dir.join("iptables-nft-restore");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ ! -e {m} ]; then touch {m}; echo 'iptables-restore: line 1 failed' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    api.apply(node_yaml());
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&slice("web", &["10.244.1.5"]));
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "env",
+            &format!("PATH={path}"),
+            "KPROXY_IPTABLES_BACKEND=nft",
+        ])
+        .arg(env!("CARGO_BIN_EXE_kproxy"))
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--proxy-mode",
+            "iptables",
+            "--hostname-override",
+            "node-a",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--min-sync-period",
+            "0s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    wait_for(&ns, "iptables", "the rules after a retried restore", |r| {
+        r.contains("10.244.1.5")
+    });
+    assert!(marker.exists(), "the broken restore must have run");
+    let (_, body) = http_get(&ns, 10249, "/metrics");
+    assert!(
+        body.contains(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"
+        ),
+        "the retry is a full sync: {body}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
