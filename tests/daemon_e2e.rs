@@ -171,6 +171,26 @@ fn case(mode: &str) {
         log_text()
     );
 
+    // The API server goes away for a while: the rules stay as they are and the proxy
+    // stays healthy (nothing is waiting to be synced); changes flow again once it is back.
+    api.set_down(true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        rules(&ns, mode).contains("10.96.0.10"),
+        "rules kept while the API server is down"
+    );
+    let (code, body) = http_get(&ns, 10256, "/livez");
+    assert_eq!(code, 200, "/livez while the API server is down: {body}");
+    api.set_down(false);
+    api.apply(&slice("web", &["10.244.1.8"]));
+    wait_for(&ns, mode, "a change after the API server came back", |r| {
+        r.contains("10.244.1.8")
+    });
+    api.apply(&slice("web", &[]));
+    wait_for(&ns, mode, "the endpoints to go again", |r| {
+        !r.contains("10.244.1.8")
+    });
+
     let (code, body) = http_get(&ns, 10256, "/livez");
     assert_eq!(code, 200, "/livez: {body}");
     assert!(body.contains("\"healthy\":true"), "{body}");

@@ -36,6 +36,8 @@ struct Store {
     compacted: u64,
     /// Bumped to drop every open watch.
     generation: u64,
+    /// While set, every request's connection is closed at once (server down).
+    down: bool,
 }
 
 /// The fake server; it serves until dropped (its threads stop with the process).
@@ -197,6 +199,15 @@ impl FakeApi {
         cv.notify_all();
     }
 
+    /// Takes the server down (connections dropped, watches closed) or back up.
+    pub fn set_down(&self, down: bool) {
+        let (lock, cv) = &*self.store;
+        let mut st = lock.lock().unwrap();
+        st.down = down;
+        st.generation += 1;
+        cv.notify_all();
+    }
+
     /// Forgets the event history: resuming from an older resourceVersion gets 410.
     pub fn compact(&self) {
         let (lock, _) = &*self.store;
@@ -206,6 +217,9 @@ impl FakeApi {
     }
 
     fn handle(&self, stream: TcpStream) {
+        if self.store.0.lock().unwrap().down {
+            return;
+        }
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut line = String::new();
         if reader.read_line(&mut line).is_err() {
