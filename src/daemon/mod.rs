@@ -306,6 +306,7 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         let c = crate::cli::apply::CleanupArgs { mode: None };
         return crate::cli::apply::run_cleanup(&c).map_err(|e| e.to_string());
     }
+    crate::sysctl::tune_conntrack(&cfg.conntrack);
     let node_name = cfg
         .hostname_override
         .clone()
