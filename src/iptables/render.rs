@@ -163,10 +163,7 @@ impl Renderer {
             .unwrap_or_default()
             .iter()
             .peekable();
-        let same_service = |a: &Arc<PortPlan>, b: &Arc<PortPlan>| {
-            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
-        };
-        for group in state.ports.chunk_by(same_service) {
+        for group in state.service_groups() {
             let name = &group[0].svc.name;
             let this = (name.namespace.as_str(), name.name.as_str());
             while prev_iter

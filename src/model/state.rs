@@ -119,6 +119,13 @@ impl ProxyState {
     pub fn total_endpoints(&self) -> usize {
         self.ports.iter().map(|p| p.endpoints.len()).sum()
     }
+
+    /// The ports grouped by Service, in order (syncs rewrite whole Services).
+    pub fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
+        self.ports.chunk_by(|a, b| {
+            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
+        })
+    }
 }
 
 impl ClusterState {

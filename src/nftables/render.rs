@@ -964,10 +964,7 @@ impl NftRenderer {
         let mut old: Vec<&AppliedService> = Vec::new();
         let mut new: Vec<Arc<AppliedService>> = Vec::new();
         let mut prev = a.services.iter().peekable();
-        let same_service = |x: &Arc<PortPlan>, y: &Arc<PortPlan>| {
-            x.svc.name.namespace == y.svc.name.namespace && x.svc.name.name == y.svc.name.name
-        };
-        for group in state.ports.chunk_by(same_service) {
+        for group in state.service_groups() {
             let name = &group[0].svc.name;
             let this = (name.namespace.as_str(), name.name.as_str());
             while let Some((k, gone)) = prev.peek() {
@@ -1174,10 +1171,7 @@ impl NftRenderer {
             .iter()
             .peekable();
         let mut desired_keys: HashSet<(String, String)> = HashSet::new();
-        let same_service = |a: &Arc<PortPlan>, b: &Arc<PortPlan>| {
-            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
-        };
-        for group in state.ports.chunk_by(same_service) {
+        for group in state.service_groups() {
             let name = &group[0].svc.name;
             let this = (name.namespace.as_str(), name.name.as_str());
             while prev_iter
