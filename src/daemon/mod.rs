@@ -6,22 +6,23 @@
 pub mod health;
 pub mod http;
 pub mod metrics;
+mod metrics_compat;
+pub mod sync;
 pub mod watch;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::SystemTime;
 
 use clap::Args;
 
-use crate::config::{Config, FamilySettings, Mode, NodePortAddresses};
+use crate::config::{Config, Mode, NodePortAddresses};
+use crate::dataplane::Dataplane;
 use crate::iptables::apply::{detect_backend, Binaries, RealExec};
 use crate::iptables::dataplane::IptablesDataplane;
-use crate::model::{ClusterState, IpFamily, NodeContext, ProxyState};
-use crate::nftables::netlink::Netlink;
-use crate::nftables::render::{NftRenderer, RenderOptions, TABLE};
-use crate::nftables::transaction::Family;
+use crate::model::{ClusterState, IpFamily, ProxyState};
+use crate::nftables::dataplane::NftDataplane;
 
 /// `kproxy run` flags (upstream kube-proxy's names).
 #[derive(Debug, Clone, Args)]
@@ -71,120 +72,6 @@ pub struct RunArgs {
     pub cleanup: bool,
 }
 
-/// One family's rules, whichever mode.
-pub trait Dataplane {
-    /// Renders and applies; a failure leaves "applied" unchanged and makes the next
-    /// sync full.
-    fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String>;
-
-    /// A follow-up sync this dataplane needs even without changes (e.g. to delete
-    /// chains it flushed, once the kernel let go of them).
-    fn resync_after(&self) -> Option<Duration> {
-        None
-    }
-
-    /// Whether something outside kproxy removed its rules (then the next sync is full).
-    fn rules_flushed(&mut self) -> bool {
-        false
-    }
-}
-
-impl Dataplane for IptablesDataplane {
-    /// Upstream's canary: an empty `KUBE-PROXY-CANARY` chain in mangle; when it is gone,
-    /// someone flushed the tables and everything must be rewritten.
-    fn rules_flushed(&mut self) -> bool {
-        !self.needs_full_sync() && self.iptables().canary_missing()
-    }
-
-    fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String> {
-        IptablesDataplane::sync(self, state, full)
-            .map(|r| r.full)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// nftables over netlink for one family.
-pub struct NftDataplane {
-    renderer: NftRenderer,
-    netlink: Option<Netlink>,
-    clock: Instant,
-    first: bool,
-}
-
-impl NftDataplane {
-    /// A dataplane that has applied nothing yet (its first sync reads the table back).
-    pub fn new(settings: FamilySettings) -> Self {
-        NftDataplane {
-            renderer: NftRenderer::new(settings),
-            netlink: None,
-            clock: Instant::now(),
-            first: true,
-        }
-    }
-}
-
-impl Dataplane for NftDataplane {
-    fn resync_after(&self) -> Option<Duration> {
-        (!self.renderer.stale_chains().is_empty())
-            .then(|| Duration::from_millis(crate::nftables::render::STALE_CHAIN_DELAY_MS + 100))
-    }
-
-    fn sync(&mut self, state: &ProxyState, full: bool) -> Result<bool, String> {
-        if self.netlink.is_none() {
-            self.netlink = Some(Netlink::open().map_err(|e| e.to_string())?);
-        }
-        let Some(nl) = self.netlink.as_mut() else {
-            return Err("no netlink socket".into());
-        };
-        let family = Family::of(self.renderer.settings().family);
-        let full = full || self.renderer.needs_full_sync();
-        // Full syncs re-read the kernel's table so drift (or a predecessor's table) is
-        // corrected; partial syncs trust our record.
-        let existing = if full {
-            nl.read_table(family, TABLE).map_err(|e| e.to_string())?
-        } else {
-            None
-        };
-        let rendered = self.renderer.render(
-            state,
-            &RenderOptions {
-                full,
-                now_ms: self.clock.elapsed().as_millis() as u64,
-                existing: existing.as_ref(),
-            },
-        );
-        let result = (|| {
-            if let Some(c) = &rendered.cleanup {
-                nl.apply(c)?;
-            }
-            if self.first && existing.is_none() {
-                for part in rendered
-                    .main
-                    .clone()
-                    .split(crate::nftables::COLD_SYNC_BATCH_OPS)
-                {
-                    nl.apply(&part)?;
-                }
-                Ok(())
-            } else {
-                nl.apply(&rendered.main)
-            }
-        })();
-        match result {
-            Ok(()) => {
-                self.first = false;
-                let was_full = rendered.full;
-                self.renderer.commit(rendered);
-                Ok(was_full)
-            }
-            Err(e) => {
-                self.renderer.invalidate();
-                Err(e.to_string())
-            }
-        }
-    }
-}
-
 /// What the watchers share with the sync loop.
 pub struct Shared {
     /// The cluster.
@@ -199,9 +86,49 @@ pub struct Shared {
     pub health: health::Health,
     /// Metrics.
     pub metrics: metrics::Metrics,
+    /// `last-change-trigger-time` of EndpointSlice changes not yet synced, for the
+    /// network-programming latency.
+    pub trigger_times: Mutex<Vec<(IpFamily, SystemTime)>>,
 }
 
 impl Shared {
+    /// Fresh shared state: nothing listed yet, a sync pending.
+    pub fn new(health: health::Health, metrics: metrics::Metrics) -> Shared {
+        Shared {
+            state: Mutex::new(ClusterState::new()),
+            dirty: Mutex::new(true),
+            wake: Condvar::new(),
+            synced: Mutex::new([false; 4]),
+            health,
+            metrics,
+            trigger_times: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Marks every watch as listed (tests that drive the state directly).
+    pub fn mark_listed(&self) {
+        *self.synced.lock().unwrap_or_else(PoisonError::into_inner) = [true; 4];
+        self.wake.notify_all();
+    }
+
+    /// Records an EndpointSlice change's trigger time.
+    pub fn trigger(&self, family: IpFamily, at: SystemTime) {
+        self.trigger_times
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((family, at));
+    }
+
+    /// Trigger times recorded since the last call.
+    pub fn take_trigger_times(&self) -> Vec<(IpFamily, SystemTime)> {
+        std::mem::take(
+            &mut *self
+                .trigger_times
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
     /// Marks a change and wakes the sync loop.
     pub fn changed(&self) {
         *self.dirty.lock().unwrap_or_else(PoisonError::into_inner) = true;
@@ -318,16 +245,22 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         .map_err(|e| format!("starting runtime: {e}"))?;
     let client = rt.block_on(watch::client(&cfg, args.master.as_deref()))?;
 
-    let families = [IpFamily::V4, IpFamily::V6];
-    let health = health::Health::new(&[IpFamily::V4], cfg.sync_period);
-    let shared = Arc::new(Shared {
-        state: Mutex::new(ClusterState::new()),
-        dirty: Mutex::new(true),
-        wake: Condvar::new(),
-        synced: Mutex::new([false; 4]),
-        health: health.clone(),
-        metrics: metrics::Metrics::new(),
-    });
+    // Dual stack when the node has addresses of both families (upstream's
+    // meta-proxier): one dataplane per family.
+    let addrs = local_addresses();
+    let families = node_families(&addrs);
+    tracing::info!(
+        mode = cfg.mode.as_str(),
+        families = ?families.iter().map(|f| f.label()).collect::<Vec<_>>(),
+        "starting"
+    );
+    let health = health::Health::new(&families, cfg.sync_period);
+    let shared = Arc::new(Shared::new(health.clone(), metrics::Metrics::new()));
+    shared
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .set_lb_ip_mode_gate(cfg.feature_gate("LoadBalancerIPMode"));
     let _healthz = health::serve_healthz(cfg.healthz_bind_address, health.clone())
         .map_err(|e| format!("healthz on {}: {e}", cfg.healthz_bind_address))?;
     let _metrics = metrics::serve(cfg.metrics_bind_address, shared.metrics.clone(), cfg.mode)
@@ -352,51 +285,73 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
             shared.wake.notify_all();
         });
     }
-    sync_loop(&cfg, &node_name, &families, &shared, &stop);
+    let settings = sync::LoopSettings {
+        node_name: node_name.clone(),
+        prefer_same_node: cfg.feature_gate("PreferSameTrafficDistribution"),
+        min_sync_period: cfg.min_sync_period,
+        sync_period: cfg.sync_period,
+        full_sync_period: sync::FULL_SYNC_PERIOD,
+    };
+    let factory_cfg = cfg.clone();
+    let factory_shared = Arc::clone(&shared);
+    sync::SyncLoop::deferred(
+        settings,
+        Box::new(move |state: &ClusterState| {
+            build_planes(
+                &factory_cfg,
+                &node_name,
+                state,
+                &families,
+                &addrs,
+                &factory_shared,
+            )
+        }),
+    )
+    .with_conntrack(Box::new(|state: &ProxyState| {
+        crate::conntrack::reconcile(state).map_err(|e| e.to_string())
+    }))
+    .run(&shared, &stop);
     tracing::info!("stopping; rules stay in place");
     Ok(())
 }
 
-fn sync_loop(
+/// The IP families this node serves: IPv4 always (upstream's default primary family),
+/// IPv6 too when the node has a global IPv6 address.
+pub fn node_families(addrs: &[ipnet::IpNet]) -> Vec<IpFamily> {
+    let mut families = vec![IpFamily::V4];
+    if addrs.iter().any(|a| {
+        let ip = a.addr();
+        IpFamily::V6.contains(&ip) && !ip.is_loopback() && !is_link_local(&ip)
+    }) {
+        families.push(IpFamily::V6);
+    }
+    families
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V4(v4) => v4.is_link_local(),
+    }
+}
+
+/// One dataplane per family in the configured mode, plus the health-check node port
+/// servers (bound to the first IPv4 NodePort address, as upstream).
+fn build_planes(
     cfg: &Config,
     node_name: &str,
+    state: &ClusterState,
     families: &[IpFamily],
-    shared: &Shared,
-    stop: &std::sync::atomic::AtomicBool,
-) {
-    use std::sync::atomic::Ordering;
-    // Never touch the rules before every watch has listed: a restart must not flush
-    // working rules with a half-known cluster.
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let synced = *shared.synced.lock().unwrap_or_else(PoisonError::into_inner);
-        if synced.iter().all(|s| *s) {
-            break;
-        }
-        let guard = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = shared.wake.wait_timeout(guard, Duration::from_millis(200));
-    }
-    let addrs = local_addresses();
-    let mut planes: Vec<(IpFamily, Box<dyn Dataplane>)> = Vec::new();
-    let backend = detect_backend(&RealExec);
-    let node_info = shared
-        .state
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .node()
-        .cloned();
+    addrs: &[ipnet::IpNet],
+    shared: &Arc<Shared>,
+) -> sync::Planes {
+    let node_info = state.node().cloned();
+    let backend = (cfg.mode == Mode::Iptables).then(|| detect_backend(&RealExec));
+    let mut dataplanes: Vec<Box<dyn Dataplane>> = Vec::new();
     let mut hc_bind = IpAddr::from([0, 0, 0, 0]);
     for f in families {
-        let has_family = addrs
-            .iter()
-            .any(|a| f.contains(&a.addr()) && !a.addr().is_loopback())
-            || *f == IpFamily::V4;
-        if !has_family {
-            continue;
-        }
-        let mut s = cfg.family_settings(*f, node_name, node_info.as_ref(), &addrs);
+        let mut s = cfg.family_settings(*f, node_name, node_info.as_ref(), addrs);
+        // nfacct objects are not created by kproxy (no metrics read them yet).
         s.nfacct_invalid = false;
         s.nfacct_localhost = false;
         if *f == IpFamily::V4 {
@@ -406,11 +361,16 @@ fn sync_loop(
                 }
             }
         }
-        let dp: Box<dyn Dataplane> = match cfg.mode {
-            Mode::Iptables => {
+        let dp: Box<dyn Dataplane> = match (cfg.mode, backend) {
+            (Mode::Iptables, Some(backend)) => {
                 if *f == IpFamily::V4 && s.localhost_nodeports {
                     crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
                 }
+                tracing::info!(
+                    family = f.label(),
+                    backend = ?backend,
+                    "iptables backend"
+                );
                 Box::new(IptablesDataplane::new(
                     s,
                     Box::new(RealExec),
@@ -418,114 +378,12 @@ fn sync_loop(
                     cfg.sync_period,
                 ))
             }
-            Mode::Nftables => Box::new(NftDataplane::new(s)),
+            _ => Box::new(NftDataplane::new(s)),
         };
-        planes.push((*f, dp));
+        dataplanes.push(dp);
     }
-    let mut hc = health::ServiceHealth::new(shared.health.clone(), hc_bind);
-    let mut last_sync: Option<Instant> = None;
-    let mut last_full = Instant::now();
-    let mut force_full = true;
-    let mut backoff = Duration::from_millis(500);
-    let mut follow_up: Option<Duration> = None;
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        // Wait for a change, the periodic full resync, or a retry.
-        {
-            let mut dirty = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-            let wait = if force_full {
-                backoff
-            } else {
-                follow_up.unwrap_or(cfg.sync_period).min(cfg.sync_period)
-            };
-            let deadline = Instant::now() + wait;
-            while !*dirty && !stop.load(Ordering::SeqCst) && !force_full {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                dirty = shared
-                    .wake
-                    .wait_timeout(dirty, deadline - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-            }
-            *dirty = false;
-        }
-        // minSyncPeriod between the end of one sync and the start of the next; changes
-        // arriving meanwhile are coalesced into this sync.
-        if let Some(t) = last_sync {
-            let since = t.elapsed();
-            if since < cfg.min_sync_period {
-                std::thread::sleep(cfg.min_sync_period - since);
-                *shared.dirty.lock().unwrap_or_else(PoisonError::into_inner) = false;
-            }
-        }
-        let mut flushed = false;
-        for (family, dp) in planes.iter_mut() {
-            if dp.rules_flushed() {
-                tracing::warn!(
-                    family = family.label(),
-                    "kproxy's rules were flushed; resyncing fully"
-                );
-                flushed = true;
-            }
-        }
-        let full = force_full || flushed || last_full.elapsed() > Duration::from_secs(3600);
-        let (states, eligible) = {
-            let st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-            let node = NodeContext {
-                name: node_name.to_string(),
-                zone: st.node().and_then(|n| n.zone.clone()),
-                prefer_same_node: cfg.feature_gate("PreferSameTrafficDistribution"),
-            };
-            let eligible = st.node().is_some_and(|n| !n.being_deleted);
-            let states: Vec<ProxyState> = planes
-                .iter()
-                .map(|(f, _)| st.proxy_state(*f, &node))
-                .collect();
-            (states, eligible)
-        };
-        shared.health.set_node_eligible(eligible);
-        let started = Instant::now();
-        let mut ok = true;
-        for ((family, dp), state) in planes.iter_mut().zip(&states) {
-            match dp.sync(state, full) {
-                Ok(was_full) => {
-                    shared.health.updated(*family);
-                    shared.metrics.synced(*family, was_full, started.elapsed());
-                    crate::cli::apply::reconcile_conntrack(state);
-                }
-                Err(e) => {
-                    ok = false;
-                    shared.metrics.failed(*family, cfg.mode);
-                    tracing::error!(family = family.label(), error = %e, "sync failed; retrying with a full sync");
-                }
-            }
-        }
-        if let Some(state) = states.first() {
-            hc.update(state);
-        }
-        follow_up = planes.iter().filter_map(|(_, dp)| dp.resync_after()).min();
-        last_sync = Some(Instant::now());
-        if ok {
-            if full {
-                last_full = Instant::now();
-                // A full sync builds the whole transaction (and the watchers' initial
-                // lists held full objects); hand the freed heap back to the system so
-                // the steady-state footprint is the compact model, not the peak.
-                // SAFETY: malloc_trim only releases free memory; no pointers change.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            }
-            force_full = false;
-            backoff = Duration::from_millis(500);
-        } else {
-            force_full = true;
-            backoff = (backoff * 2).min(cfg.sync_period.max(Duration::from_secs(1)));
-        }
+    sync::Planes {
+        dataplanes,
+        service_health: Some(health::ServiceHealth::new(shared.health.clone(), hc_bind)),
     }
 }

@@ -3,6 +3,7 @@
 //! take effect; individual events only ever refine that.
 
 use std::sync::{Arc, PoisonError};
+use std::time::SystemTime;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -15,7 +16,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use super::Shared;
 use crate::config::Config;
 use crate::model::from_k8s::SkipReason;
-use crate::model::ClusterState;
+use crate::model::{ClusterState, IpFamily};
 
 /// A client from `--kubeconfig` (or in-cluster / the default kubeconfig), with
 /// `--master` overriding the server address.
@@ -55,7 +56,10 @@ struct Kind<K> {
     optional: bool,
     apply: fn(&mut ClusterState, &K) -> Result<(), SkipReason>,
     delete: fn(&mut ClusterState, &K),
-    reset: fn(&mut ClusterState),
+    /// Replaces this kind's objects with a relist's (staged in a state of its own).
+    adopt: fn(&mut ClusterState, ClusterState),
+    /// The change's `last-change-trigger-time`, for network-programming latency.
+    trigger: fn(&K) -> Option<(IpFamily, SystemTime)>,
 }
 
 /// Runs one watcher until the process ends.
@@ -74,29 +78,36 @@ where
         optional,
         apply,
         delete,
-        reset,
+        adopt,
+        trigger,
     } = kind_;
     let kind = K::kind(&()).to_string();
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-    let mut buffer: Vec<K> = Vec::new();
+    // A relist is converted into a staging state as it arrives (compact model only)
+    // and replaces this kind's objects when complete, so deletions missed while
+    // disconnected take effect and the old objects keep working until then.
+    let mut staging = ClusterState::new();
     while let Some(ev) = stream.next().await {
         match ev {
-            Ok(Event::Init) => buffer.clear(),
-            Ok(Event::InitApply(o)) => buffer.push(o),
+            Ok(Event::Init) => staging = ClusterState::new(),
+            Ok(Event::InitApply(o)) => {
+                let r = apply(&mut staging, &o);
+                report(&shared, &o, &kind, r);
+            }
             Ok(Event::InitDone) => {
                 {
+                    let listed = std::mem::take(&mut staging);
                     let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    reset(&mut st);
-                    for o in buffer.drain(..) {
-                        let r = apply(&mut st, &o);
-                        report(&shared, &o, &kind, r);
-                    }
+                    adopt(&mut st, listed);
                 }
                 shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[index] = true;
                 shared.changed();
             }
             Ok(Event::Apply(o)) => {
                 shared.metrics.change(index == 1);
+                if let Some((family, at)) = trigger(&o) {
+                    shared.trigger(family, at);
+                }
                 let r = {
                     let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
                     apply(&mut st, &o)
@@ -106,6 +117,9 @@ where
             }
             Ok(Event::Delete(o)) => {
                 shared.metrics.change(index == 1);
+                if let Some((family, at)) = trigger(&o) {
+                    shared.trigger(family, at);
+                }
                 {
                     let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
                     delete(&mut st, &o);
@@ -125,11 +139,32 @@ where
     }
 }
 
+/// Upstream's label selector for both Services and EndpointSlices: objects handled by
+/// another service proxy, and headless Services' slices, are not ours.
+pub const PROXIED: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// An EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` and family.
+pub fn slice_trigger_time(slice: &EndpointSlice) -> Option<(IpFamily, SystemTime)> {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        _ => return None,
+    };
+    let raw = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crate::model::from_k8s::TRIGGER_TIME_ANNOTATION)?;
+    let ts: jiff::Timestamp = raw.parse().ok()?;
+    Some((family, SystemTime::from(ts)))
+}
+
 /// Starts the four watchers on the runtime.
 pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Shared>, node: String) {
     rt.spawn(watch_kind::<Service>(
         Api::all(client.clone()),
-        watcher::Config::default().labels("!service.kubernetes.io/service-proxy-name"),
+        watcher::Config::default().labels(PROXIED),
         Arc::clone(&shared),
         Kind {
             index: 0,
@@ -138,12 +173,13 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             delete: |st, o| {
                 st.remove_service(&o.namespace().unwrap_or_default(), &o.name_any());
             },
-            reset: ClusterState::clear_services,
+            adopt: ClusterState::adopt_services,
+            trigger: |_| None,
         },
     ));
     rt.spawn(watch_kind::<EndpointSlice>(
         Api::all(client.clone()),
-        watcher::Config::default().labels("!service.kubernetes.io/headless"),
+        watcher::Config::default().labels(PROXIED),
         Arc::clone(&shared),
         Kind {
             index: 1,
@@ -152,7 +188,8 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             delete: |st, o| {
                 st.remove_slice(&o.namespace().unwrap_or_default(), &o.name_any());
             },
-            reset: ClusterState::clear_slices,
+            adopt: ClusterState::adopt_slices,
+            trigger: slice_trigger_time,
         },
     ));
     rt.spawn(watch_kind::<Node>(
@@ -164,7 +201,8 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             optional: true,
             apply: |st, o| st.set_node(o),
             delete: |st, _| st.clear_node(),
-            reset: ClusterState::clear_node,
+            adopt: ClusterState::adopt_node,
+            trigger: |_| None,
         },
     ));
     rt.spawn(watch_kind::<ServiceCIDR>(
@@ -178,7 +216,8 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             delete: |st, o| {
                 st.remove_service_cidr(&o.name_any());
             },
-            reset: ClusterState::clear_service_cidrs,
+            adopt: ClusterState::adopt_service_cidrs,
+            trigger: |_| None,
         },
     ));
 }

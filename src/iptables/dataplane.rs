@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::config::FamilySettings;
-use crate::model::ProxyState;
+use crate::config::{FamilySettings, Mode};
+use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
+use crate::model::{IpFamily, ProxyState};
 
 use super::apply::{ApplyError, Binaries, Exec, Iptables};
 use super::render::{RenderOptions, Rendered, Renderer};
@@ -118,5 +119,58 @@ impl IptablesDataplane {
                 Err(e)
             }
         }
+    }
+}
+
+impl IptablesDataplane {
+    fn error(&self, partial: bool, e: &ApplyError) -> DataplaneError {
+        DataplaneError {
+            mode: Mode::Iptables.as_str(),
+            family: self.renderer.settings().family.label(),
+            partial,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn family(&self) -> IpFamily {
+        self.renderer.settings().family
+    }
+
+    fn mode(&self) -> Mode {
+        Mode::Iptables
+    }
+
+    fn needs_full_sync(&self) -> bool {
+        self.renderer.needs_full_sync()
+    }
+
+    fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError> {
+        let partial = !(full || self.renderer.needs_full_sync());
+        let report =
+            IptablesDataplane::sync(self, state, full).map_err(|e| self.error(partial, &e))?;
+        Ok(SyncOutcome {
+            full: report.full,
+            iptables_rules: vec![
+                ("filter", report.filter_rules, report.filter_rules),
+                ("nat", report.nat_rules_total, report.nat_rules),
+            ],
+            operations: report.filter_rules + report.nat_rules + report.deleted_chains,
+            services_written: report.services_written,
+            cleanup_failed: false,
+        })
+    }
+
+    /// Upstream's canary: an empty `KUBE-PROXY-CANARY` chain in mangle; when it is gone,
+    /// someone flushed the tables and everything must be rewritten.
+    fn rules_flushed(&mut self) -> bool {
+        !self.renderer.needs_full_sync() && self.iptables().canary_missing()
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        let result = self.iptables().cleanup();
+        self.renderer.invalidate();
+        result.map_err(|e| self.error(false, &e))
     }
 }

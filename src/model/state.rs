@@ -120,6 +120,21 @@ impl ProxyState {
         self.ports.iter().map(|p| p.endpoints.len()).sum()
     }
 
+    /// Service ports with a Local traffic policy whose endpoints are all on other
+    /// nodes, as `(internal, external)` (upstream's `no_local_endpoints_total` gauges).
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let mut internal = 0;
+        let mut external = 0;
+        for p in &self.ports {
+            if p.selection.all_reachable.is_empty() || !p.selection.local.is_empty() {
+                continue;
+            }
+            internal += usize::from(p.svc.internal_policy_local);
+            external += usize::from(p.svc.external_policy_local);
+        }
+        (internal, external)
+    }
+
     /// The ports grouped by Service, in order (syncs rewrite whole Services).
     pub fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
         self.ports.chunk_by(|a, b| {
@@ -293,6 +308,30 @@ impl ClusterState {
     /// Drops all ServiceCIDRs (before a relist replaces them).
     pub fn clear_service_cidrs(&mut self) {
         self.service_cidrs.clear();
+    }
+
+    /// Replaces all Services with those of `listed` (a relist staged in its own,
+    /// already converted state, so full API objects are never buffered).
+    pub fn adopt_services(&mut self, listed: ClusterState) {
+        self.services = listed.services;
+        self.forget_all();
+    }
+
+    /// Replaces all EndpointSlices with those of `listed`.
+    pub fn adopt_slices(&mut self, listed: ClusterState) {
+        self.slices = listed.slices;
+        self.slice_owner = listed.slice_owner;
+        self.forget_all();
+    }
+
+    /// Replaces the Node with that of `listed` (none if it was not listed).
+    pub fn adopt_node(&mut self, listed: ClusterState) {
+        self.node = listed.node;
+    }
+
+    /// Replaces all ServiceCIDRs with those of `listed`.
+    pub fn adopt_service_cidrs(&mut self, listed: ClusterState) {
+        self.service_cidrs = listed.service_cidrs;
     }
 
     /// Known Services.

@@ -1,6 +1,7 @@
 //! nftables mode: upstream's `kube-proxy` table as a transaction (plain data), its
 //! `nft -f` text form, an in-memory fake, and the renderer.
 
+pub mod dataplane;
 pub mod fake;
 pub mod names;
 pub mod netlink;
@@ -41,14 +42,15 @@ pub fn apply_once(inputs: &Inputs) -> Result<(), NetlinkError> {
         if let Some(c) = &rendered.cleanup {
             nl.apply(c)?;
         }
-        if existing.is_none() && rendered.main.len() > COLD_SYNC_BATCH_OPS {
+        let (main, rendered) = rendered.take_main();
+        if existing.is_none() && main.len() > COLD_SYNC_BATCH_OPS {
             // Nothing is there yet, so every prefix of the ordered transaction is a
             // consistent table: apply it in bounded batches.
-            for part in rendered.main.clone().split(COLD_SYNC_BATCH_OPS) {
+            for part in main.split(COLD_SYNC_BATCH_OPS) {
                 nl.apply(&part)?;
             }
         } else {
-            nl.apply(&rendered.main)?;
+            nl.apply(&main)?;
         }
         let stale = rendered.flushed_stale.clone();
         renderer.commit(rendered);

@@ -1174,6 +1174,11 @@ pub struct Netlink {
     seq: u32,
 }
 
+// SAFETY: the socket is owned exclusively by this value (no aliasing pointers are
+// kept) and a netlink socket may be used from any thread; `&mut self` on every call
+// rules out concurrent use.
+unsafe impl Send for Netlink {}
+
 impl Netlink {
     /// Opens a socket.
     pub fn open() -> Result<Netlink, NetlinkError> {

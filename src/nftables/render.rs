@@ -92,6 +92,17 @@ pub struct Rendered {
     update: Update,
 }
 
+impl Rendered {
+    /// Takes the main transaction out (to be consumed while applying, e.g. split into
+    /// batches) and leaves the rest for [`NftRenderer::commit`].
+    pub fn take_main(mut self) -> (Transaction, Rendered) {
+        let family = self.main.family;
+        let table = self.main.table.clone();
+        let main = std::mem::replace(&mut self.main, Transaction::new(family, table));
+        (main, self)
+    }
+}
+
 /// How the record of what the kernel holds changes once a sync is committed: a full
 /// sync replaces it; a partial sync carries only its changes, so that committing (like
 /// rendering) costs O(changes) rather than O(cluster).
@@ -209,6 +220,11 @@ impl NftRenderer {
             }
         }
         self.force_full = false;
+    }
+
+    /// Whether flushed chains are waiting for deletion.
+    pub fn has_stale_chains(&self) -> bool {
+        self.applied.as_ref().is_some_and(|a| !a.stale.is_empty())
     }
 
     /// Stale chains waiting for deletion.

@@ -1,0 +1,198 @@
+//! The one interface both modes implement for the daemon: render one family's rules
+//! from the proxy state, apply them, remember only what the kernel accepted, and
+//! remove them again. The sync loop (`daemon::sync`) drives any `Dataplane`, so its
+//! scheduling, retries and metrics are tested with a fake that needs no kernel.
+
+use std::time::Duration;
+
+use crate::config::Mode;
+use crate::model::{IpFamily, ProxyState};
+
+/// What one successful sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Whether it rewrote everything.
+    pub full: bool,
+    /// iptables: `(table, rules owned in total, rules written by this sync)`.
+    pub iptables_rules: Vec<(&'static str, usize, usize)>,
+    /// Operations sent to the kernel (lines of `iptables-restore` input, or nftables
+    /// netlink operations).
+    pub operations: usize,
+    /// Services whose rules this sync rewrote.
+    pub services_written: usize,
+    /// A clean-up step (deleting chains flushed earlier) failed; the sync itself held.
+    pub cleanup_failed: bool,
+}
+
+/// A failed sync. The kernel keeps what it had (both appliers are all-or-nothing);
+/// the next sync is full.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{mode} {family} {kind} sync failed: {message}", kind = if *.partial { "partial" } else { "full" })]
+pub struct DataplaneError {
+    /// `iptables` or `nftables`.
+    pub mode: &'static str,
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
+    /// Whether the failed sync was a partial one (upstream counts those separately).
+    pub partial: bool,
+    /// What went wrong, with the failing object where the kernel named one.
+    pub message: String,
+}
+
+/// One family's rules in one mode.
+pub trait Dataplane: Send {
+    /// The family this dataplane programs.
+    fn family(&self) -> IpFamily;
+
+    /// The mode.
+    fn mode(&self) -> Mode;
+
+    /// Whether the next sync will be full whatever the caller asks (nothing applied
+    /// yet, or the last sync failed).
+    fn needs_full_sync(&self) -> bool;
+
+    /// Renders `state` and applies it: everything when `full`, else only what changed
+    /// since the last successful sync. On failure nothing is recorded as applied.
+    fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError>;
+
+    /// A follow-up sync this dataplane needs even without changes (e.g. to delete
+    /// chains it flushed once the kernel has let go of them).
+    fn resync_after(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether something outside kproxy removed its rules since the last sync (then
+    /// the next sync must be full).
+    fn rules_flushed(&mut self) -> bool {
+        false
+    }
+
+    /// Removes this dataplane's rules from the kernel (safe to repeat).
+    fn cleanup(&mut self) -> Result<(), DataplaneError>;
+}
+
+pub mod fake {
+    //! A dataplane that records what it was asked to do and can be told to fail, so
+    //! the sync loop's scheduling is tested without a kernel.
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::Instant;
+
+    use super::{Dataplane, DataplaneError, SyncOutcome};
+    use crate::config::Mode;
+    use crate::model::{IpFamily, ProxyState};
+
+    /// One sync the fake saw.
+    #[derive(Debug, Clone)]
+    pub struct FakeSync {
+        /// Whether the caller asked for a full sync.
+        pub requested_full: bool,
+        /// Whether it was full (asked, or forced by an earlier failure).
+        pub full: bool,
+        /// Service ports in the state it was given.
+        pub ports: usize,
+        /// Whether it succeeded.
+        pub ok: bool,
+        /// When it ran.
+        pub at: Instant,
+    }
+
+    /// Handles shared between a test and its fake.
+    #[derive(Debug, Clone, Default)]
+    pub struct FakeControl {
+        /// Every sync, in order.
+        pub log: Arc<Mutex<Vec<FakeSync>>>,
+        /// Fail this many of the next syncs.
+        pub fail_next: Arc<AtomicUsize>,
+        /// Pretend someone flushed the rules (reported once).
+        pub flushed: Arc<AtomicBool>,
+    }
+
+    impl FakeControl {
+        /// The syncs so far.
+        pub fn syncs(&self) -> Vec<FakeSync> {
+            self.log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    /// The fake.
+    #[derive(Debug)]
+    pub struct FakeDataplane {
+        family: IpFamily,
+        control: FakeControl,
+        applied: bool,
+    }
+
+    impl FakeDataplane {
+        /// A fake for `family`, controlled through `control`.
+        pub fn new(family: IpFamily, control: FakeControl) -> Self {
+            FakeDataplane {
+                family,
+                control,
+                applied: false,
+            }
+        }
+    }
+
+    impl Dataplane for FakeDataplane {
+        fn family(&self) -> IpFamily {
+            self.family
+        }
+
+        fn mode(&self) -> Mode {
+            Mode::Nftables
+        }
+
+        fn needs_full_sync(&self) -> bool {
+            !self.applied
+        }
+
+        fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError> {
+            let effective = full || !self.applied;
+            let fail = self
+                .control
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            self.control
+                .log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(FakeSync {
+                    requested_full: full,
+                    full: effective,
+                    ports: state.ports.len(),
+                    ok: !fail,
+                    at: Instant::now(),
+                });
+            if fail {
+                self.applied = false;
+                return Err(DataplaneError {
+                    mode: "nftables",
+                    family: self.family.label(),
+                    partial: !effective,
+                    message: "injected failure".into(),
+                });
+            }
+            self.applied = true;
+            Ok(SyncOutcome {
+                full: effective,
+                operations: state.ports.len(),
+                ..SyncOutcome::default()
+            })
+        }
+
+        fn rules_flushed(&mut self) -> bool {
+            self.control.flushed.swap(false, Ordering::SeqCst)
+        }
+
+        fn cleanup(&mut self) -> Result<(), DataplaneError> {
+            self.applied = false;
+            Ok(())
+        }
+    }
+}
