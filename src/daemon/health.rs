@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use super::http::{serve, Response, Server};
+use super::metrics::Metrics;
 use crate::model::{IpFamily, ObjectKey, ProxyState};
 
 /// Per-family sync health: when rules were last applied, and the oldest change still
@@ -16,6 +17,7 @@ use crate::model::{IpFamily, ObjectKey, ProxyState};
 pub struct HealthState {
     families: BTreeMap<IpFamily, (Option<SystemTime>, Option<SystemTime>)>,
     node_eligible: bool,
+    metrics: Option<Metrics>,
 }
 
 /// Shared health.
@@ -46,6 +48,25 @@ impl Health {
             inner: Arc::new(Mutex::new(st)),
             timeout: sync_period * 2,
         }
+    }
+
+    /// The same health, counting the `/healthz` and `/livez` responses
+    /// [`serve_healthz`] gives in `m` (`kubeproxy_proxy_healthz_total{code}`,
+    /// `kubeproxy_proxy_livez_total{code}`). Shared by every clone, like
+    /// [`Health::set_metrics`].
+    pub fn with_metrics(self, m: Metrics) -> Health {
+        self.set_metrics(m);
+        self
+    }
+
+    /// Counts the `/healthz` and `/livez` responses in `m`, for this health and every
+    /// clone of it (including one already handed to [`serve_healthz`]).
+    pub fn set_metrics(&self, m: Metrics) {
+        self.lock().metrics = Some(m);
+    }
+
+    fn metrics(&self) -> Option<Metrics> {
+        self.lock().metrics.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
@@ -146,12 +167,25 @@ impl Health {
     }
 }
 
-/// Serves `/healthz` and `/livez`.
+/// Serves `/healthz` and `/livez`, counting responses by status code when the health
+/// carries [`Metrics`].
 pub fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server> {
     serve(addr, move |_, path| {
         match path.split('?').next().unwrap_or("") {
-            "/healthz" => health.response(true),
-            "/livez" => health.response(false),
+            "/healthz" => {
+                let r = health.response(true);
+                if let Some(m) = health.metrics() {
+                    m.healthz_served(r.status);
+                }
+                r
+            }
+            "/livez" => {
+                let r = health.response(false);
+                if let Some(m) = health.metrics() {
+                    m.livez_served(r.status);
+                }
+                r
+            }
             _ => Response {
                 status: 404,
                 headers: vec![],
@@ -272,5 +306,53 @@ mod tests {
         h.set_node_eligible(false);
         assert_eq!(h.response(true).status, 503);
         assert_eq!(h.response(false).status, 200);
+    }
+
+    fn count(m: &Metrics, series: &str) -> Option<String> {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn healthz_server_counts_responses_by_code() {
+        let m = Metrics::new();
+        let h = Health::new(&[IpFamily::V4], Duration::from_secs(30)).with_metrics(m.clone());
+        let server = serve_healthz("127.0.0.1:0".parse().unwrap(), h.clone()).unwrap();
+        let get = |p| crate::daemon::http::get(server.addr(), p).0;
+        assert_eq!(get("/healthz"), 200);
+        assert_eq!(get("/healthz"), 200);
+        assert_eq!(get("/livez"), 200);
+        h.set_node_eligible(false);
+        assert_eq!(get("/healthz"), 503);
+        assert_eq!(get("/livez"), 200);
+        assert_eq!(get("/other"), 404);
+        let healthz = |c: &str| {
+            count(
+                &m,
+                &format!("kubeproxy_proxy_healthz_total{{code=\"{c}\"}}"),
+            )
+        };
+        let livez = |c: &str| count(&m, &format!("kubeproxy_proxy_livez_total{{code=\"{c}\"}}"));
+        assert_eq!(healthz("200").as_deref(), Some("2"));
+        assert_eq!(healthz("503").as_deref(), Some("1"));
+        assert_eq!(livez("200").as_deref(), Some("2"));
+        assert_eq!(livez("503"), None);
+    }
+
+    #[test]
+    fn metrics_set_later_reach_a_running_server() {
+        let h = Health::new(&[IpFamily::V4], Duration::from_secs(30));
+        let server = serve_healthz("127.0.0.1:0".parse().unwrap(), h.clone()).unwrap();
+        // Without metrics the server still answers.
+        assert_eq!(crate::daemon::http::get(server.addr(), "/livez").0, 200);
+        let m = Metrics::new();
+        h.set_metrics(m.clone());
+        assert_eq!(crate::daemon::http::get(server.addr(), "/livez").0, 200);
+        assert_eq!(
+            count(&m, "kubeproxy_proxy_livez_total{code=\"200\"}").as_deref(),
+            Some("1")
+        );
     }
 }

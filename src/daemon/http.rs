@@ -106,3 +106,17 @@ pub fn serve(
     });
     Ok(Server { stop, addr })
 }
+
+/// Test helper: one `GET` over a fresh connection; (status, head, body).
+#[cfg(test)]
+pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    use std::io::Read;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}

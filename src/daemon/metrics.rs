@@ -1,163 +1,482 @@
-//! `/metrics` (Prometheus text) with upstream's metric names, `/healthz` (`ok`) and
-//! `/proxyMode` on the metrics address.
+//! `/metrics` (OpenMetrics text via `prometheus-client`) with upstream kube-proxy's
+//! metric names, help strings, labels and buckets; `/healthz` (`ok`) and `/proxyMode`
+//! on the metrics address.
+//!
+//! Every metric is an atomic counter, gauge or histogram shared by `Arc`; recording
+//! never takes a lock beyond the ones inside `prometheus-client` (a read lock on a
+//! labelled family, a short write lock the first time a label set is seen, and a
+//! histogram's own lock).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
 
 use super::http::{Response, Server};
 use crate::config::Mode;
 use crate::model::IpFamily;
 
-/// Upstream's sync-duration buckets: exponential from 1 ms, ×2, 15 buckets.
-fn buckets() -> Vec<f64> {
-    (0..15).map(|i| 0.001 * 2f64.powi(i)).collect()
+/// The `Content-Type` of `/metrics`: `prometheus-client` writes OpenMetrics text (counter
+/// families are declared without `_total`, samples carry it, and the body ends `# EOF`).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upstream's latency buckets (`ExponentialBuckets(0.001, 2, 15)`): 1 ms … 16.384 s.
+pub fn sync_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 15).collect()
 }
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+/// Upstream's network-programming buckets. Upstream builds them with component-base's
+/// `MergeBuckets`, which starts from a zero-filled one-element slice, so the exposed
+/// layout begins with a `0` bucket: 0, 0.25, 0.5, 1…59 (step 1), 60…115 (step 5),
+/// 120…300 (step 30).
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.0, 0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((60..=115).step_by(5).map(f64::from));
+    b.extend((120..=300).step_by(30).map(f64::from));
+    b
 }
 
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        let b = buckets();
-        if self.counts.is_empty() {
-            self.counts = vec![0; b.len()];
-        }
-        for (i, le) in b.iter().enumerate() {
-            if v <= *le {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabels {
+    ip_family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    ip_family: &'static str,
+    table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    ip_family: &'static str,
+    traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+fn fam(family: IpFamily) -> FamilyLabels {
+    FamilyLabels {
+        ip_family: family.label(),
     }
+}
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let b = buckets();
-        for (i, le) in b.iter().enumerate() {
-            let c = self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {c}");
+type HistogramFamily = Family<FamilyLabels, Histogram, fn() -> Histogram>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn sync_histograms() -> HistogramFamily {
+    Family::new_with_constructor(|| Histogram::new(sync_buckets()))
+}
+
+/// One exposed metric: full name (without the `_total` counter suffix, which
+/// `prometheus-client` appends), help text exactly as upstream, and the metric.
+#[derive(Debug)]
+struct Entry {
+    name: &'static str,
+    help: &'static str,
+    metric: Box<dyn Metric>,
+}
+
+/// Encodes the entries with their help text verbatim (`Registry::register` would append
+/// a full stop) and, like upstream's vectors, leaves out labelled families that have no
+/// series yet.
+#[derive(Debug)]
+struct Exposition(Vec<Entry>);
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for e in self.0.iter().filter(|e| !e.metric.is_empty()) {
+            let m = encoder.encode_descriptor(e.name, e.help, None, e.metric.metric_type())?;
+            e.metric.encode(m)?;
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+        Ok(())
     }
 }
 
-#[derive(Debug, Default)]
-struct Data {
-    all: BTreeMap<IpFamily, Histogram>,
-    full: BTreeMap<IpFamily, Histogram>,
-    partial: BTreeMap<IpFamily, Histogram>,
-    last: BTreeMap<IpFamily, f64>,
-    restore_failures: BTreeMap<IpFamily, u64>,
-    nft_failures: BTreeMap<IpFamily, u64>,
-    skipped_objects: u64,
-    service_changes: u64,
-    endpoint_changes: u64,
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    sync_duration: HistogramFamily,
+    sync_full_duration: HistogramFamily,
+    sync_partial_duration: HistogramFamily,
+    last_timestamp: Family<FamilyLabels, FloatGauge>,
+    last_queued_timestamp: Family<FamilyLabels, FloatGauge>,
+    network_programming: HistogramFamily,
+    endpoint_changes_pending: Gauge,
+    endpoint_changes: Counter,
+    service_changes_pending: Gauge,
+    service_changes: Counter,
+    restore_failures: Family<FamilyLabels, Counter>,
+    partial_restore_failures: Family<FamilyLabels, Counter>,
+    iptables_total: Family<TableLabels, Gauge>,
+    iptables_last: Family<TableLabels, Gauge>,
+    nft_sync_failures: Family<FamilyLabels, Counter>,
+    nft_cleanup_failures: Family<FamilyLabels, Counter>,
+    no_local_endpoints: Family<PolicyLabels, Gauge>,
+    healthz: Family<CodeLabels, Counter>,
+    livez: Family<CodeLabels, Counter>,
+    conntrack_duration: HistogramFamily,
+    conntrack_deleted: Family<FamilyLabels, Counter>,
+    skipped_objects: Counter,
 }
 
-/// The daemon's metrics.
-#[derive(Debug, Clone, Default)]
+/// The daemon's metrics. Cloning shares them.
+#[derive(Debug, Clone)]
 pub struct Metrics {
-    data: Arc<Mutex<Data>>,
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn saturating_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
-    /// Empty metrics.
+    /// Every metric registered, at zero (labelled families appear once first used).
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
-        f(&mut self.data.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// A successful sync.
-    pub fn synced(&self, family: IpFamily, full: bool, took: Duration) {
-        let secs = took.as_secs_f64();
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        self.with(|d| {
-            d.all.entry(family).or_default().observe(secs);
-            if full {
-                d.full.entry(family).or_default().observe(secs);
-            } else {
-                d.partial.entry(family).or_default().observe(secs);
+        let mut m = Inner {
+            registry: Registry::default(),
+            sync_duration: sync_histograms(),
+            sync_full_duration: sync_histograms(),
+            sync_partial_duration: sync_histograms(),
+            last_timestamp: Family::default(),
+            last_queued_timestamp: Family::default(),
+            network_programming: Family::new_with_constructor(|| {
+                Histogram::new(network_programming_buckets())
+            }),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes: Counter::default(),
+            restore_failures: Family::default(),
+            partial_restore_failures: Family::default(),
+            iptables_total: Family::default(),
+            iptables_last: Family::default(),
+            nft_sync_failures: Family::default(),
+            nft_cleanup_failures: Family::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            conntrack_duration: sync_histograms(),
+            conntrack_deleted: Family::default(),
+            skipped_objects: Counter::default(),
+        };
+        fn e(name: &'static str, help: &'static str, metric: impl Metric) -> Entry {
+            Entry {
+                name,
+                help,
+                metric: Box::new(metric),
             }
-            d.last.insert(family, now);
-        });
+        }
+        let entries = vec![
+            e(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+                m.sync_duration.clone(),
+            ),
+            e(
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+                m.sync_full_duration.clone(),
+            ),
+            e(
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+                m.sync_partial_duration.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+                m.last_timestamp.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+                m.last_queued_timestamp.clone(),
+            ),
+            e(
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+                m.network_programming.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                m.endpoint_changes_pending.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_endpoint_changes",
+                "Cumulative proxy rules Endpoint changes",
+                m.endpoint_changes.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                m.service_changes_pending.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_service_changes",
+                "Cumulative proxy rules Service changes",
+                m.service_changes.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                "Cumulative proxy iptables restore failures",
+                m.restore_failures.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
+                "Cumulative proxy iptables partial restore failures",
+                m.partial_restore_failures.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_iptables_total",
+                "Total number of iptables rules owned by kube-proxy",
+                m.iptables_total.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_iptables_last",
+                "Number of iptables rules written by kube-proxy in last sync",
+                m.iptables_last.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                m.nft_sync_failures.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+                "Cumulative proxy nftables cleanup failures",
+                m.nft_cleanup_failures.clone(),
+            ),
+            e(
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                m.no_local_endpoints.clone(),
+            ),
+            e(
+                "kubeproxy_proxy_healthz",
+                "Cumulative proxy healthz HTTP status",
+                m.healthz.clone(),
+            ),
+            e(
+                "kubeproxy_proxy_livez",
+                "Cumulative proxy livez HTTP status",
+                m.livez.clone(),
+            ),
+            e(
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                "ReconcileConntrackFlowsLatency latency in seconds",
+                m.conntrack_duration.clone(),
+            ),
+            e(
+                "kubeproxy_conntrack_reconciler_deleted_entries",
+                "Cumulative conntrack flows deleted by conntrack reconciler",
+                m.conntrack_deleted.clone(),
+            ),
+            e(
+                "kproxy_skipped_objects",
+                "Malformed Services and EndpointSlices skipped",
+                m.skipped_objects.clone(),
+            ),
+        ];
+        m.registry.register_collector(Box::new(Exposition(entries)));
+        Metrics { inner: Arc::new(m) }
     }
 
-    /// A failed sync.
+    /// Every sync attempt (success or failure): sync_proxy_rules_duration_seconds, plus
+    /// the full or partial histogram.
+    pub fn sync_attempt(&self, family: IpFamily, full: bool, took: Duration) {
+        let secs = took.as_secs_f64();
+        let l = fam(family);
+        self.inner.sync_duration.get_or_create(&l).observe(secs);
+        let h = if full {
+            &self.inner.sync_full_duration
+        } else {
+            &self.inner.sync_partial_duration
+        };
+        h.get_or_create(&l).observe(secs);
+    }
+
+    /// A successful sync: sync_proxy_rules_last_timestamp_seconds = now (unix seconds).
+    pub fn sync_succeeded(&self, family: IpFamily) {
+        self.inner
+            .last_timestamp
+            .get_or_create(&fam(family))
+            .set(unix_now());
+    }
+
+    /// A sync was queued (a change arrived): sync_proxy_rules_last_queued_timestamp_seconds
+    /// for every family given.
+    pub fn queued(&self, families: &[IpFamily]) {
+        let now = unix_now();
+        for f in families {
+            self.inner
+                .last_queued_timestamp
+                .get_or_create(&fam(*f))
+                .set(now);
+        }
+    }
+
+    /// A successful sync (attempt + success).
+    pub fn synced(&self, family: IpFamily, full: bool, took: Duration) {
+        self.sync_attempt(family, full, took);
+        self.sync_succeeded(family);
+    }
+
+    /// A failed apply. iptables: iptables_restore_failures_total (`partial` = false) or
+    /// iptables_partial_restore_failures_total (`partial` = true); nftables:
+    /// nftables_sync_failures_total.
+    pub fn apply_failed(&self, family: IpFamily, mode: Mode, partial: bool) {
+        let c = match (mode, partial) {
+            (Mode::Iptables, false) => &self.inner.restore_failures,
+            (Mode::Iptables, true) => &self.inner.partial_restore_failures,
+            (Mode::Nftables, _) => &self.inner.nft_sync_failures,
+        };
+        c.get_or_create(&fam(family)).inc();
+    }
+
+    /// A failed sync (a failed full apply).
     pub fn failed(&self, family: IpFamily, mode: Mode) {
-        self.with(|d| match mode {
-            Mode::Iptables => *d.restore_failures.entry(family).or_default() += 1,
-            Mode::Nftables => *d.nft_failures.entry(family).or_default() += 1,
-        });
+        self.apply_failed(family, mode, false);
+    }
+
+    /// nftables stale-chain clean-up transaction failed:
+    /// sync_proxy_rules_nftables_cleanup_failures_total.
+    pub fn nft_cleanup_failed(&self, family: IpFamily) {
+        self.inner
+            .nft_cleanup_failures
+            .get_or_create(&fam(family))
+            .inc();
+    }
+
+    /// iptables rule counts after a successful sync: iptables_total{table,ip_family} and
+    /// iptables_last{table,ip_family}.
+    pub fn iptables_rules(&self, family: IpFamily, table: &str, total: usize, last: usize) {
+        let l = TableLabels {
+            ip_family: family.label(),
+            table: table.to_string(),
+        };
+        self.inner
+            .iptables_total
+            .get_or_create(&l)
+            .set(saturating_i64(total));
+        self.inner
+            .iptables_last
+            .get_or_create(&l)
+            .set(saturating_i64(last));
+    }
+
+    /// network_programming_duration_seconds.
+    pub fn network_programming(&self, family: IpFamily, latency: Duration) {
+        self.inner
+            .network_programming
+            .get_or_create(&fam(family))
+            .observe(latency.as_secs_f64());
+    }
+
+    /// endpoint_changes_pending / service_changes_pending gauges.
+    pub fn changes_pending(&self, services: usize, endpoints: usize) {
+        self.inner
+            .service_changes_pending
+            .set(saturating_i64(services));
+        self.inner
+            .endpoint_changes_pending
+            .set(saturating_i64(endpoints));
+    }
+
+    /// no_local_endpoints_total{traffic_policy, ip_family} gauges.
+    pub fn no_local_endpoints(&self, family: IpFamily, internal: usize, external: usize) {
+        for (policy, n) in [("internal", internal), ("external", external)] {
+            self.inner
+                .no_local_endpoints
+                .get_or_create(&PolicyLabels {
+                    ip_family: family.label(),
+                    traffic_policy: policy,
+                })
+                .set(saturating_i64(n));
+        }
+    }
+
+    /// proxy_healthz_total{code}.
+    pub fn healthz_served(&self, code: u16) {
+        self.inner
+            .healthz
+            .get_or_create(&CodeLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// proxy_livez_total{code}.
+    pub fn livez_served(&self, code: u16) {
+        self.inner
+            .livez
+            .get_or_create(&CodeLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// conntrack_reconciler_sync_duration_seconds and
+    /// conntrack_reconciler_deleted_entries_total.
+    pub fn conntrack_reconciled(&self, family: IpFamily, took: Duration, deleted: usize) {
+        let l = fam(family);
+        self.inner
+            .conntrack_duration
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+        self.inner
+            .conntrack_deleted
+            .get_or_create(&l)
+            .inc_by(deleted as u64);
     }
 
     /// A malformed object was skipped.
     pub fn skipped_object(&self) {
-        self.with(|d| d.skipped_objects += 1);
+        self.inner.skipped_objects.inc();
     }
 
     /// A Service (or EndpointSlice) event arrived.
     pub fn change(&self, endpoints: bool) {
-        self.with(|d| {
-            if endpoints {
-                d.endpoint_changes += 1
-            } else {
-                d.service_changes += 1
-            }
-        });
+        if endpoints {
+            self.inner.endpoint_changes.inc();
+        } else {
+            self.inner.service_changes.inc();
+        }
     }
 
-    /// Prometheus text exposition.
+    /// The exposition (OpenMetrics text, ending `# EOF`).
     pub fn render(&self) -> String {
-        self.with(|d| {
-            let mut out = String::new();
-            for (name, help, h) in [
-                ("kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", &d.all),
-                ("kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs", &d.full),
-                ("kubeproxy_sync_partial_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for partial resyncs", &d.partial),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-                for (f, hist) in h {
-                    hist.render(&mut out, name, &format!("ip_family=\"{}\"", f.label()));
-                }
-            }
-            let name = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
-            let _ = writeln!(out, "# HELP {name} The last time proxy rules were successfully synced\n# TYPE {name} gauge");
-            for (f, v) in &d.last {
-                let _ = writeln!(out, "{name}{{ip_family=\"{}\"}} {v}", f.label());
-            }
-            for (name, help, m) in [
-                ("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", "Cumulative proxy iptables restore failures", &d.restore_failures),
-                ("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", "Cumulative proxy nftables sync failures", &d.nft_failures),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (f, v) in m {
-                    let _ = writeln!(out, "{name}{{ip_family=\"{}\"}} {v}", f.label());
-                }
-            }
-            for (name, help, v) in [
-                ("kubeproxy_sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes", d.service_changes),
-                ("kubeproxy_sync_proxy_rules_endpoint_changes_total", "Cumulative proxy rules Endpoint changes", d.endpoint_changes),
-                ("kproxy_skipped_objects_total", "Malformed Services and EndpointSlices skipped", d.skipped_objects),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-            }
-            out
-        })
+        let mut out = String::new();
+        // Writing to a String cannot fail, and our collector only forwards its errors.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
     }
 }
 
@@ -167,10 +486,7 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<
         match path.split('?').next().unwrap_or("") {
             "/metrics" => Response {
                 status: 200,
-                headers: vec![(
-                    "Content-Type",
-                    "text/plain; version=0.0.4; charset=utf-8".into(),
-                )],
+                headers: vec![("Content-Type", CONTENT_TYPE.into())],
                 body: metrics.render(),
             },
             "/healthz" => Response {
@@ -190,4 +506,429 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<
             },
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::http::get as http_get;
+
+    /// Every metric family the exposition declares, with its type, in order.
+    fn families(text: &str) -> Vec<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (n, t) = l.split_once(' ').unwrap();
+                (n.to_string(), t.to_string())
+            })
+            .collect()
+    }
+
+    /// The value of the one sample line that is exactly `series` (name and labels).
+    fn sample(text: &str, series: &str) -> Option<String> {
+        let mut hits = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '));
+        let v = hits.next().map(str::to_string);
+        assert!(hits.next().is_none(), "{series} twice in\n{text}");
+        v
+    }
+
+    /// The `le` boundaries of one histogram series, in order.
+    fn les(text: &str, name: &str, labels: &str) -> Vec<String> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                let (le, rest) = l.split_once('"')?;
+                rest.starts_with(&format!(",{labels}}}"))
+                    .then(|| le.to_string())
+            })
+            .collect()
+    }
+
+    fn exercise_everything(m: &Metrics) {
+        m.synced(IpFamily::V4, true, Duration::from_millis(3));
+        m.sync_attempt(IpFamily::V4, false, Duration::from_millis(20));
+        m.sync_attempt(IpFamily::V6, false, Duration::from_millis(5));
+        m.queued(&[IpFamily::V4, IpFamily::V6]);
+        m.apply_failed(IpFamily::V4, Mode::Iptables, false);
+        m.apply_failed(IpFamily::V4, Mode::Iptables, true);
+        m.apply_failed(IpFamily::V4, Mode::Iptables, true);
+        m.apply_failed(IpFamily::V6, Mode::Nftables, false);
+        m.nft_cleanup_failed(IpFamily::V6);
+        m.iptables_rules(IpFamily::V4, "nat", 10, 3);
+        m.iptables_rules(IpFamily::V4, "filter", 7, 0);
+        m.network_programming(IpFamily::V4, Duration::from_millis(300));
+        m.changes_pending(2, 3);
+        m.no_local_endpoints(IpFamily::V4, 1, 2);
+        m.healthz_served(200);
+        m.healthz_served(200);
+        m.healthz_served(503);
+        m.livez_served(503);
+        m.conntrack_reconciled(IpFamily::V4, Duration::from_millis(1), 4);
+        m.change(true);
+        m.change(true);
+        m.change(false);
+        m.skipped_object();
+    }
+
+    const ALL: &[(&str, &str)] = &[
+        ("kubeproxy_sync_proxy_rules_duration_seconds", "histogram"),
+        (
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "histogram",
+        ),
+        (
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "histogram",
+        ),
+        ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+        (
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "gauge",
+        ),
+        (
+            "kubeproxy_network_programming_duration_seconds",
+            "histogram",
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "gauge",
+        ),
+        ("kubeproxy_sync_proxy_rules_endpoint_changes", "counter"),
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "gauge",
+        ),
+        ("kubeproxy_sync_proxy_rules_service_changes", "counter"),
+        (
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            "counter",
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
+            "counter",
+        ),
+        ("kubeproxy_sync_proxy_rules_iptables_total", "gauge"),
+        ("kubeproxy_sync_proxy_rules_iptables_last", "gauge"),
+        (
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+            "counter",
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+            "counter",
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "gauge",
+        ),
+        ("kubeproxy_proxy_healthz", "counter"),
+        ("kubeproxy_proxy_livez", "counter"),
+        (
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "histogram",
+        ),
+        ("kubeproxy_conntrack_reconciler_deleted_entries", "counter"),
+        ("kproxy_skipped_objects", "counter"),
+    ];
+
+    #[test]
+    fn fresh_metrics_expose_only_unlabelled_ones_at_zero() {
+        let text = Metrics::new().render();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let fams: Vec<(String, String)> = families(&text);
+        let want: Vec<(String, String)> = [
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "gauge",
+            ),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes", "counter"),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "gauge",
+            ),
+            ("kubeproxy_sync_proxy_rules_service_changes", "counter"),
+            ("kproxy_skipped_objects", "counter"),
+        ]
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+        assert_eq!(fams, want, "{text}");
+        for s in [
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "kproxy_skipped_objects_total",
+        ] {
+            assert_eq!(sample(&text, s).as_deref(), Some("0"), "{s} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_upstream_metric_with_its_type_and_help() {
+        let m = Metrics::new();
+        exercise_everything(&m);
+        let text = m.render();
+        let want: Vec<(String, String)> = ALL
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(families(&text), want, "{text}");
+        // Help text verbatim (no full stop appended).
+        for line in [
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds\n",
+            "# HELP kubeproxy_sync_proxy_rules_service_changes Cumulative proxy rules Service changes\n",
+            "# HELP kubeproxy_sync_proxy_rules_nftables_cleanup_failures Cumulative proxy nftables cleanup failures\n",
+            "# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total Number of services with a Local traffic policy and no endpoints\n",
+            "# HELP kubeproxy_proxy_healthz Cumulative proxy healthz HTTP status\n",
+            "# HELP kubeproxy_conntrack_reconciler_deleted_entries Cumulative conntrack flows deleted by conntrack reconciler\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("# HELP ")).count(),
+            ALL.len()
+        );
+        assert!(!text.contains("_total_total"), "{text}");
+        // Every sample belongs to a declared family with exactly the suffix its type calls
+        // for (counters `_total` once, histograms `_sum`/`_count`/`_bucket`).
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let ok = ALL.iter().any(|(f, t)| match *t {
+                "counter" => name == format!("{f}_total"),
+                "histogram" => ["_sum", "_count", "_bucket"]
+                    .iter()
+                    .any(|sfx| name == format!("{f}{sfx}")),
+                _ => name == *f,
+            });
+            assert!(ok, "undeclared sample {name}");
+        }
+    }
+
+    #[test]
+    fn values_and_labels_after_calls() {
+        let m = Metrics::new();
+        exercise_everything(&m);
+        let text = m.render();
+        for (series, value) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}", "2"),
+            ("kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}", "0.023"),
+            ("kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}", "1"),
+            ("kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}", "1"),
+            ("kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"}", "1"),
+            (
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"}",
+                "2",
+            ),
+            ("kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv6\"}", "1"),
+            ("kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv6\"}", "1"),
+            ("kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}", "10"),
+            ("kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"}", "3"),
+            ("kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"filter\"}", "7"),
+            ("kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"filter\"}", "0"),
+            ("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv4\"}", "0.3"),
+            ("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\",ip_family=\"IPv4\"}", "0"),
+            ("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\",ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_network_programming_duration_seconds_bucket{le=\"+Inf\",ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_sync_proxy_rules_service_changes_pending", "2"),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", "3"),
+            (
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}",
+                "1",
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}",
+                "2",
+            ),
+            ("kubeproxy_proxy_healthz_total{code=\"200\"}", "2"),
+            ("kubeproxy_proxy_healthz_total{code=\"503\"}", "1"),
+            ("kubeproxy_proxy_livez_total{code=\"503\"}", "1"),
+            ("kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"}", "1"),
+            ("kubeproxy_conntrack_reconciler_sync_duration_seconds_sum{ip_family=\"IPv4\"}", "0.001"),
+            ("kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}", "4"),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", "2"),
+            ("kubeproxy_sync_proxy_rules_service_changes_total", "1"),
+            ("kproxy_skipped_objects_total", "1"),
+        ] {
+            assert_eq!(sample(&text, series).as_deref(), Some(value), "{series} in\n{text}");
+        }
+        // Only the successful IPv4 sync set the last-sync time; both families were queued.
+        assert!(sample(
+            &text,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}"
+        )
+        .is_none());
+        let now = unix_now();
+        for series in [
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv6\"}",
+        ] {
+            let v: f64 = sample(&text, series).unwrap().parse().unwrap();
+            assert!((now - 60.0..=now).contains(&v), "{series} = {v}, now {now}");
+        }
+        // Families that did not see a call have no series.
+        assert!(
+            !text.contains("restore_failures_total{ip_family=\"IPv6\"}"),
+            "{text}"
+        );
+        assert!(!text.contains("livez_total{code=\"200\"}"), "{text}");
+    }
+
+    #[test]
+    fn sync_duration_buckets_are_upstreams() {
+        let m = Metrics::new();
+        m.sync_attempt(IpFamily::V4, true, Duration::from_millis(3));
+        m.conntrack_reconciled(IpFamily::V4, Duration::from_millis(3), 0);
+        let text = m.render();
+        let want = [
+            "0.001", "0.002", "0.004", "0.008", "0.016", "0.032", "0.064", "0.128", "0.256",
+            "0.512", "1.024", "2.048", "4.096", "8.192", "16.384", "+Inf",
+        ];
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+        ] {
+            assert_eq!(
+                les(&text, name, "ip_family=\"IPv4\""),
+                want,
+                "{name} in\n{text}"
+            );
+        }
+        // 3 ms: above 0.002, within 0.004; cumulative counts.
+        let b = |le: &str| {
+            sample(
+                &text,
+                &format!(
+                    "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{le}\",ip_family=\"IPv4\"}}"
+                ),
+            )
+        };
+        assert_eq!(b("0.002").as_deref(), Some("0"));
+        assert_eq!(b("0.004").as_deref(), Some("1"));
+        assert_eq!(b("+Inf").as_deref(), Some("1"));
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}"
+            )
+            .as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn network_programming_buckets_are_upstreams() {
+        let m = Metrics::new();
+        m.network_programming(IpFamily::V6, Duration::from_secs(116));
+        let text = m.render();
+        let got = les(
+            &text,
+            "kubeproxy_network_programming_duration_seconds",
+            "ip_family=\"IPv6\"",
+        );
+        let mut want: Vec<String> = vec!["0.0".into(), "0.25".into(), "0.5".into()];
+        want.extend((1..=59).map(|i| format!("{i}.0")));
+        want.extend((60..=115).step_by(5).map(|i| format!("{i}.0")));
+        want.extend((120..=300).step_by(30).map(|i| format!("{i}.0")));
+        want.push("+Inf".into());
+        assert_eq!(want.len(), 82);
+        assert_eq!(got, want, "{text}");
+        let b = |le: &str| {
+            sample(
+                &text,
+                &format!(
+                    "kubeproxy_network_programming_duration_seconds_bucket{{le=\"{le}\",ip_family=\"IPv6\"}}"
+                ),
+            )
+        };
+        assert_eq!(b("115.0").as_deref(), Some("0"));
+        assert_eq!(b("120.0").as_deref(), Some("1"));
+        assert_eq!(b("300.0").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn failed_is_a_full_apply_failure() {
+        let m = Metrics::new();
+        m.failed(IpFamily::V4, Mode::Iptables);
+        m.failed(IpFamily::V4, Mode::Nftables);
+        let text = m.render();
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        assert!(!text.contains("partial_restore_failures_total{"), "{text}");
+        assert!(
+            !text.contains("kubeproxy_sync_proxy_rules_duration_seconds"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn clones_share_and_threads_record_concurrently() {
+        let m = Metrics::new();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..250 {
+                        m.change(true);
+                        m.healthz_served(200);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            sample(&text, "kubeproxy_proxy_healthz_total{code=\"200\"}").as_deref(),
+            Some("1000")
+        );
+    }
+
+    #[test]
+    fn metrics_server_serves_the_exposition() {
+        let m = Metrics::new();
+        m.change(false);
+        let server = serve("127.0.0.1:0".parse().unwrap(), m.clone(), Mode::Nftables).unwrap();
+        let (code, head, body) = http_get(server.addr(), "/metrics");
+        assert_eq!(code, 200);
+        assert!(
+            head.contains(&format!("Content-Type: {CONTENT_TYPE}")),
+            "{head}"
+        );
+        assert_eq!(body, m.render());
+        assert!(
+            body.contains("\nkubeproxy_sync_proxy_rules_service_changes_total 1\n"),
+            "{body}"
+        );
+        assert_eq!(http_get(server.addr(), "/healthz").2, "ok");
+        assert_eq!(http_get(server.addr(), "/proxyMode").2, "nftables");
+        assert_eq!(http_get(server.addr(), "/nope").0, 404);
+    }
 }
