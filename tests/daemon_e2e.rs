@@ -35,6 +35,18 @@ fn service(name: &str, ip: &str) -> String {
 }
 
 fn slice(svc: &str, ips: &[&str]) -> String {
+    slice_at(svc, ips, None)
+}
+
+/// A slice, optionally carrying `endpoints.kubernetes.io/last-change-trigger-time`.
+fn slice_at(svc: &str, ips: &[&str], trigger: Option<&str>) -> String {
+    let annotations = trigger
+        .map(|t| {
+            format!(
+                "  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{t}\"}}\n"
+            )
+        })
+        .unwrap_or_default();
     let eps: String = ips
         .iter()
         .map(|ip| format!("- addresses: [{ip}]\n  nodeName: node-a\n"))
@@ -44,7 +56,7 @@ fn slice(svc: &str, ips: &[&str]) -> String {
     } else {
         format!("\n{eps}")
     };
-    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: app\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n")
+    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: app\n{annotations}  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n")
 }
 
 fn rules(ns: &Netns, mode: &str) -> String {
@@ -182,7 +194,12 @@ fn case(mode: &str) {
     let (code, body) = http_get(&ns, 10256, "/livez");
     assert_eq!(code, 200, "/livez while the API server is down: {body}");
     api.set_down(false);
-    api.apply(&slice("web", &["10.244.1.8"]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let trigger = format!("{}", jiff::Timestamp::from_second(now as i64).unwrap());
+    api.apply(&slice_at("web", &["10.244.1.8"], Some(&trigger)));
     wait_for(&ns, mode, "a change after the API server came back", |r| {
         r.contains("10.244.1.8")
     });
@@ -209,6 +226,31 @@ fn case(mode: &str) {
         ),
         "{body}"
     );
+    // The trigger-time annotation fed the network-programming latency histogram.
+    assert!(
+        body.contains("kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("kubeproxy_proxy_healthz_total{code=\"200\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+        "{body}"
+    );
+    if mode == "iptables" {
+        let nat_total = body
+            .lines()
+            .find(|l| {
+                l.starts_with("kubeproxy_sync_proxy_rules_iptables_total{")
+                    && l.contains("table=\"nat\"")
+                    && l.contains("IPv4")
+            })
+            .unwrap_or_else(|| panic!("no iptables_total for nat\n{body}"));
+        let n: f64 = nat_total.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n > 0.0, "{nat_total}");
+    }
     let (_, mode_body) = http_get(&ns, 10249, "/proxyMode");
     assert_eq!(mode_body, mode);
 
@@ -224,6 +266,15 @@ fn case(mode: &str) {
         assert!(!rules(&ns, mode).contains("10.96.0.10"));
         wait_for(&ns, mode, "the rules to come back after a flush", |r| {
             r.contains("10.96.0.10") && r.contains(":KUBE-PROXY-CANARY")
+        });
+    }
+
+    if mode == "nftables" {
+        // Someone deletes the table: the next periodic check notices and rewrites it.
+        let (ok, _, err) = ns.exec(&["nft", "delete", "table", "ip", "kube-proxy"]);
+        assert!(ok, "{err}");
+        wait_for(&ns, mode, "the table to come back after a delete", |r| {
+            r.contains("10.96.0.10")
         });
     }
 
@@ -350,9 +401,9 @@ fn failed_restore_is_retried_as_a_full_sync() {
     );
     assert!(
         body.contains(
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2"
         ),
-        "the retry is a full sync: {body}"
+        "the failed first sync and its retry are both full syncs (upstream observes every attempt): {body}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

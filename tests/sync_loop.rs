@@ -26,6 +26,7 @@ struct Harness {
 impl Harness {
     fn start(min_sync: Duration, sync_period: Duration, listed: bool) -> Harness {
         let shared = Arc::new(Shared::new(
+            &[IpFamily::V4],
             Health::new(&[IpFamily::V4], Duration::from_secs(30)),
             Metrics::new(),
         ));

@@ -6,7 +6,6 @@
 pub mod health;
 pub mod http;
 pub mod metrics;
-mod metrics_compat;
 pub mod sync;
 pub mod watch;
 
@@ -89,12 +88,18 @@ pub struct Shared {
     /// `last-change-trigger-time` of EndpointSlice changes not yet synced, for the
     /// network-programming latency.
     pub trigger_times: Mutex<Vec<(IpFamily, SystemTime)>>,
+    /// Service and EndpointSlice changes since the last sync (the `*_changes_pending`
+    /// gauges).
+    pending: Mutex<(usize, usize)>,
+    families: Vec<IpFamily>,
 }
 
 impl Shared {
     /// Fresh shared state: nothing listed yet, a sync pending.
-    pub fn new(health: health::Health, metrics: metrics::Metrics) -> Shared {
+    pub fn new(families: &[IpFamily], health: health::Health, metrics: metrics::Metrics) -> Shared {
         Shared {
+            pending: Mutex::new((0, 0)),
+            families: families.to_vec(),
             state: Mutex::new(ClusterState::new()),
             dirty: Mutex::new(true),
             wake: Condvar::new(),
@@ -109,6 +114,24 @@ impl Shared {
     pub fn mark_listed(&self) {
         *self.synced.lock().unwrap_or_else(PoisonError::into_inner) = [true; 4];
         self.wake.notify_all();
+    }
+
+    /// Counts one Service (or EndpointSlice) event from a watch.
+    pub fn note_change(&self, endpoints: bool) {
+        self.metrics.change(endpoints);
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if endpoints {
+            p.1 += 1;
+        } else {
+            p.0 += 1;
+        }
+        self.metrics.changes_pending(p.0, p.1);
+    }
+
+    /// The sync loop took every pending change.
+    pub fn changes_taken(&self) {
+        *self.pending.lock().unwrap_or_else(PoisonError::into_inner) = (0, 0);
+        self.metrics.changes_pending(0, 0);
     }
 
     /// Records an EndpointSlice change's trigger time.
@@ -133,6 +156,7 @@ impl Shared {
     pub fn changed(&self) {
         *self.dirty.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.health.queued();
+        self.metrics.queued(&self.families);
         self.wake.notify_all();
     }
 }
@@ -254,8 +278,9 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         families = ?families.iter().map(|f| f.label()).collect::<Vec<_>>(),
         "starting"
     );
-    let health = health::Health::new(&families, cfg.sync_period);
-    let shared = Arc::new(Shared::new(health.clone(), metrics::Metrics::new()));
+    let metrics = metrics::Metrics::new();
+    let health = health::Health::new(&families, cfg.sync_period).with_metrics(metrics.clone());
+    let shared = Arc::new(Shared::new(&families, health.clone(), metrics));
     shared
         .state
         .lock()

@@ -230,6 +230,7 @@ impl SyncLoop {
             let (states, eligible) = self.snapshot(shared);
             shared.health.set_node_eligible(eligible);
             let triggers = shared.take_trigger_times();
+            shared.changes_taken();
             let mut ok = true;
             for (dp, state) in self.planes.iter_mut().zip(&states) {
                 let family = dp.family();

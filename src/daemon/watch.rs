@@ -104,7 +104,7 @@ where
                 shared.changed();
             }
             Ok(Event::Apply(o)) => {
-                shared.metrics.change(index == 1);
+                shared.note_change(index == 1);
                 if let Some((family, at)) = trigger(&o) {
                     shared.trigger(family, at);
                 }
@@ -116,7 +116,7 @@ where
                 shared.changed();
             }
             Ok(Event::Delete(o)) => {
-                shared.metrics.change(index == 1);
+                shared.note_change(index == 1);
                 if let Some((family, at)) = trigger(&o) {
                     shared.trigger(family, at);
                 }
