@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use select::Selection;
-pub use state::{ClusterState, NodeContext, PortPlan, ProxyState};
+pub use state::{group_by_service, ClusterState, NodeContext, PortPlan, ProxyState};
 
 /// An IP family; each family gets its own proxier, as upstream's meta-proxier does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

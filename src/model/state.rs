@@ -113,6 +113,13 @@ pub struct ProxyState {
     pub service_cidrs: Vec<IpNet>,
 }
 
+/// Sorted ports grouped by Service.
+pub fn group_by_service(ports: &[Arc<PortPlan>]) -> impl Iterator<Item = &[Arc<PortPlan>]> {
+    ports.chunk_by(|a, b| {
+        a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
+    })
+}
+
 impl ProxyState {
     /// Sum of endpoint-list lengths over all service ports (upstream's large-cluster
     /// measure: every endpoint counts, ready or not).
@@ -137,9 +144,7 @@ impl ProxyState {
 
     /// The ports grouped by Service, in order (syncs rewrite whole Services).
     pub fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
-        self.ports.chunk_by(|a, b| {
-            a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
-        })
+        group_by_service(&self.ports)
     }
 }
 

@@ -8,7 +8,7 @@
 //! flushed at once and deleted by a separate, later transaction (upstream's rule: the
 //! kernel may not yet have dropped the reference from a just-deleted map element).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use super::transaction::{
     Op, Rule, Set, SetFlag, Transaction, Verdict,
 };
 use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
-use crate::model::{IpFamily, ObjectKey, PortPlan, ProxyState};
+use crate::model::{group_by_service, IpFamily, PortPlan, ProxyState};
 
 /// The table kproxy owns in each family (upstream's name, so it takes over in place).
 pub const TABLE: &str = "kube-proxy";
@@ -114,34 +114,65 @@ enum Update {
 
 #[derive(Debug, Clone, Default)]
 struct Delta {
-    services: Vec<(Arc<ObjectKey>, Arc<AppliedService>)>,
-    mirror_set: Vec<((String, String), Element)>,
-    mirror_remove: Vec<(String, String)>,
-    chains_add: Vec<String>,
-    chains_remove: Vec<String>,
-    affinity_add: Vec<String>,
-    affinity_remove: Vec<String>,
+    ports: Vec<Arc<PortPlan>>,
+    mirror_set: Vec<(ElementId, ValueId)>,
+    mirror_remove: Vec<ElementId>,
     stale: BTreeMap<String, u64>,
     service_cidrs: Vec<IpNet>,
 }
 
+/// A managed element's identity (container and key) as a 128-bit digest, and its
+/// value's. 128 bits make a collision among a cluster's elements (~1e5) practically
+/// impossible (~1e-28), and keep the record at 32 bytes per element.
+type ElementId = u128;
+type ValueId = u128;
+
+fn digest128(f: impl Fn(&mut std::collections::hash_map::DefaultHasher)) -> u128 {
+    use std::hash::Hasher;
+    // Two independent 64-bit SipHash digests (fixed keys, so stable within a process;
+    // the record never leaves it).
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    a.write_u8(0x5a);
+    f(&mut a);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    b.write_u8(0xa5);
+    f(&mut b);
+    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+}
+
+fn element_id(e: &Element) -> Option<ElementId> {
+    use std::hash::Hash;
+    let set = MANAGED.iter().position(|m| *m == e.set)?;
+    let key = e.key_text();
+    Some(digest128(|h| {
+        set.hash(h);
+        key.hash(h);
+    }))
+}
+
+fn value_id(v: &Option<Verdict>) -> ValueId {
+    use std::hash::Hash;
+    digest128(|h| v.hash(h))
+}
+
+/// The record of what the kernel holds. It is kept small on purpose (at 10k Services
+/// it is what the daemon holds besides the model): a Service's chain names, affinity
+/// sets and elements are a pure function of its port plans, which are shared with the
+/// model, so they are recomputed for the few Services a sync touches instead of stored.
 #[derive(Debug, Clone, Default)]
 struct Applied {
-    services: Vec<(Arc<ObjectKey>, Arc<AppliedService>)>,
-    /// Elements of the managed containers, by (container, key).
-    mirror: BTreeMap<(String, String), Element>,
-    /// Per-service chains in the kernel (active and stale).
-    chains: BTreeSet<String>,
-    /// Affinity sets in the kernel.
-    affinity_sets: BTreeSet<String>,
-    /// Stale chains and when they were flushed.
+    /// The port plans in the kernel, sorted like [`ProxyState::ports`].
+    ports: Vec<Arc<PortPlan>>,
+    /// Elements of the managed containers and their values.
+    mirror: HashMap<ElementId, ValueId>,
+    /// Stale chains (flushed, not yet deleted) and when they were flushed.
     stale: BTreeMap<String, u64>,
     service_cidrs: Vec<IpNet>,
 }
 
-#[derive(Debug)]
-struct AppliedService {
-    ports: Vec<Arc<PortPlan>>,
+/// The names and elements of one Service's objects.
+#[derive(Debug, Default)]
+struct ServiceObjects {
     chains: Vec<String>,
     affinity_sets: Vec<String>,
     elements: Vec<Element>,
@@ -200,21 +231,13 @@ impl NftRenderer {
             Update::Replace(a) => self.applied = Some(a),
             Update::Delta(d) => {
                 let a = self.applied.get_or_insert_with(Applied::default);
-                a.services = d.services;
-                for (k, e) in d.mirror_set {
-                    a.mirror.insert(k, e);
+                a.ports = d.ports;
+                for (k, v) in d.mirror_set {
+                    a.mirror.insert(k, v);
                 }
                 for k in d.mirror_remove {
                     a.mirror.remove(&k);
                 }
-                for c in d.chains_remove {
-                    a.chains.remove(&c);
-                }
-                a.chains.extend(d.chains_add);
-                for s in d.affinity_remove {
-                    a.affinity_sets.remove(&s);
-                }
-                a.affinity_sets.extend(d.affinity_add);
                 a.stale = d.stale;
                 a.service_cidrs = d.service_cidrs;
             }
@@ -906,21 +929,20 @@ impl NftRenderer {
         objs
     }
 
-    /// Writes one Service's affinity sets and chains into `tx`; returns its record
-    /// (element operations are the caller's: they are diffed against the mirror).
-    fn rewrite_service(&self, group: &[Arc<PortPlan>], tx: &mut Transaction) -> AppliedService {
-        let mut chains = Vec::new();
-        let mut affinity = Vec::new();
-        let mut elements = Vec::new();
+    /// Writes one Service's affinity sets and chains into `tx`; returns their names and
+    /// the elements it wants (element operations are the caller's: they are diffed
+    /// against the mirror).
+    fn rewrite_service(&self, group: &[Arc<PortPlan>], tx: &mut Transaction) -> ServiceObjects {
+        let mut out = ServiceObjects::default();
         for port in group {
             let objs = self.port_objects(port);
             for s in objs.affinity_sets {
-                affinity.push(s.name.clone());
+                out.affinity_sets.push(s.name.clone());
                 tx.push(Op::AddSet(s));
             }
             for (c, rules) in objs.chains {
+                out.chains.push(c.name.clone());
                 let name = c.name.clone();
-                chains.push(name.clone());
                 // `add` (the chain may not exist yet), then `flush` (it may).
                 tx.push(Op::AddChain(c));
                 tx.push(Op::FlushChain(name));
@@ -928,14 +950,24 @@ impl NftRenderer {
                     tx.push(Op::AddRule(r));
                 }
             }
-            elements.extend(objs.elements);
+            out.elements.extend(objs.elements);
         }
-        AppliedService {
-            ports: group.to_vec(),
-            chains,
-            affinity_sets: affinity,
-            elements,
+        out
+    }
+
+    /// The names and elements a Service's objects had when it was applied (recomputed
+    /// from its port plans).
+    fn describe(&self, group: &[Arc<PortPlan>]) -> ServiceObjects {
+        let mut out = ServiceObjects::default();
+        for port in group {
+            let objs = self.port_objects(port);
+            out.affinity_sets
+                .extend(objs.affinity_sets.into_iter().map(|s| s.name));
+            out.chains
+                .extend(objs.chains.into_iter().map(|(c, _)| c.name));
+            out.elements.extend(objs.elements);
         }
+        out
     }
 
     /// An incremental sync against our own record: only Services whose desired
@@ -947,9 +979,7 @@ impl NftRenderer {
         // 1. Stale chains flushed long enough ago go in their own transaction, first.
         let aged: Vec<String> = stale
             .iter()
-            .filter(|(c, t)| {
-                now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS && a.chains.contains(*c)
-            })
+            .filter(|(_, t)| now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS)
             .map(|(c, _)| c.clone())
             .collect();
         let cleanup = if aged.is_empty() {
@@ -962,7 +992,6 @@ impl NftRenderer {
             }
             Some(tx)
         };
-        stale.retain(|c, _| a.chains.contains(c));
 
         let mut tx = Transaction::new(family, TABLE);
         if a.service_cidrs != state.service_cidrs {
@@ -970,74 +999,72 @@ impl NftRenderer {
             self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
         }
         let mut delta = Delta {
+            ports: state.ports.clone(),
             service_cidrs: state.service_cidrs.clone(),
-            chains_remove: aged.clone(),
             ..Delta::default()
         };
         let mut services_written = 0;
         // Old versions of Services that changed or went away, new versions of those
         // that changed or appeared.
-        let mut old: Vec<&AppliedService> = Vec::new();
-        let mut new: Vec<Arc<AppliedService>> = Vec::new();
-        let mut prev = a.services.iter().peekable();
+        let mut old: Vec<ServiceObjects> = Vec::new();
+        let mut new: Vec<ServiceObjects> = Vec::new();
+        let mut prev = group_by_service(&a.ports).peekable();
         for group in state.service_groups() {
-            let name = &group[0].svc.name;
-            let this = (name.namespace.as_str(), name.name.as_str());
-            while let Some((k, gone)) = prev.peek() {
-                if (k.namespace.as_str(), k.name.as_str()) >= this {
+            let this = service_of(group);
+            while let Some(gone) = prev.peek() {
+                if service_of(gone) >= this {
                     break;
                 }
-                old.push(gone);
+                old.push(self.describe(gone));
                 prev.next();
             }
-            let mut key = None;
-            if let Some((k, s)) = prev.peek() {
-                if (k.namespace.as_str(), k.name.as_str()) == this {
-                    if s.ports.as_slice() == group {
-                        delta.services.push((Arc::clone(k), Arc::clone(s)));
-                        prev.next();
+            if let Some(was) = prev.peek() {
+                if service_of(was) == this {
+                    let unchanged = *was == group;
+                    if !unchanged {
+                        old.push(self.describe(was));
+                    }
+                    prev.next();
+                    if unchanged {
                         continue;
                     }
-                    old.push(s);
-                    key = Some(Arc::clone(k));
-                    prev.next();
                 }
             }
             services_written += 1;
-            let key = key.unwrap_or_else(|| Arc::new(group[0].service_key()));
-            let entry = Arc::new(self.rewrite_service(group, &mut tx));
-            new.push(Arc::clone(&entry));
-            delta.services.push((key, entry));
+            new.push(self.rewrite_service(group, &mut tx));
         }
-        old.extend(prev.map(|(_, s)| s.as_ref()));
+        old.extend(prev.map(|gone| self.describe(gone)));
 
         // Elements: add or update what the new versions want, delete what only the old
         // versions had.
-        let mut wanted: BTreeMap<(String, String), &Element> = BTreeMap::new();
+        let mut wanted: BTreeMap<ElementId, &Element> = BTreeMap::new();
         for e in new.iter().flat_map(|s| s.elements.iter()) {
-            wanted.insert((e.set.clone(), e.key_text()), e);
+            if let Some(k) = element_id(e) {
+                wanted.insert(k, e);
+            }
         }
         let mut element_ops = Vec::new();
-        let mut deleted: HashSet<(String, String)> = HashSet::new();
+        let mut deleted: HashSet<ElementId> = HashSet::new();
         for e in old.iter().flat_map(|s| s.elements.iter()) {
-            let k = (e.set.clone(), e.key_text());
+            let Some(k) = element_id(e) else { continue };
             // Ports of one Service share its cluster IP: delete each key once.
-            if !wanted.contains_key(&k) && a.mirror.contains_key(&k) && deleted.insert(k.clone()) {
+            if !wanted.contains_key(&k) && a.mirror.contains_key(&k) && deleted.insert(k) {
                 element_ops.push(Op::DeleteElement(e.clone()));
                 delta.mirror_remove.push(k);
             }
         }
         for (k, e) in wanted {
+            let v = value_id(&e.value);
             match a.mirror.get(&k) {
-                Some(cur) if cur.value == e.value => {}
+                Some(cur) if *cur == v => {}
                 Some(_) => {
                     element_ops.push(Op::DeleteElement(e.clone()));
                     element_ops.push(Op::AddElement(e.clone()));
-                    delta.mirror_set.push((k, e.clone()));
+                    delta.mirror_set.push((k, v));
                 }
                 None => {
                     element_ops.push(Op::AddElement(e.clone()));
-                    delta.mirror_set.push((k, e.clone()));
+                    delta.mirror_set.push((k, v));
                 }
             }
         }
@@ -1060,22 +1087,20 @@ impl NftRenderer {
         }
         for c in &new_chains {
             stale.remove(*c);
-            delta.chains_add.push(c.to_string());
         }
         let new_affinity: HashSet<&str> = new
             .iter()
             .flat_map(|s| s.affinity_sets.iter().map(String::as_str))
             .collect();
+        let mut affinity_deleted: HashSet<&str> = HashSet::new();
         for s in old.iter().flat_map(|s| s.affinity_sets.iter()) {
-            if !new_affinity.contains(s.as_str()) && a.affinity_sets.contains(s) {
+            if !new_affinity.contains(s.as_str()) && affinity_deleted.insert(s.as_str()) {
                 tx.push(Op::DeleteSet {
                     name: s.clone(),
                     is_map: false,
                 });
-                delta.affinity_remove.push(s.clone());
             }
         }
-        delta.affinity_add = new_affinity.iter().map(|s| s.to_string()).collect();
         delta.stale = stale;
         Rendered {
             cleanup,
@@ -1100,26 +1125,32 @@ impl NftRenderer {
         let previous = prior.filter(|_| !full);
 
         // What the kernel holds: its own word when read back, else our record.
-        let mut known_chains: BTreeSet<String> = match (opts.existing, prior) {
-            (Some(e), _) => e
-                .chains
-                .iter()
-                .filter(|c| is_service_chain(c))
-                .cloned()
-                .collect(),
-            (None, Some(a)) => a.chains.clone(),
-            (None, None) => BTreeSet::new(),
-        };
-        let known_affinity: BTreeSet<String> = match (opts.existing, prior) {
-            (Some(e), _) => e
-                .sets
-                .iter()
-                .filter(|s| s.starts_with("affinity-"))
-                .cloned()
-                .collect(),
-            (None, Some(a)) => a.affinity_sets.clone(),
-            (None, None) => BTreeSet::new(),
-        };
+        let (mut known_chains, known_affinity): (BTreeSet<String>, BTreeSet<String>) =
+            match (opts.existing, prior) {
+                (Some(e), _) => (
+                    e.chains
+                        .iter()
+                        .filter(|c| is_service_chain(c))
+                        .cloned()
+                        .collect(),
+                    e.sets
+                        .iter()
+                        .filter(|s| s.starts_with("affinity-"))
+                        .cloned()
+                        .collect(),
+                ),
+                (None, Some(a)) => {
+                    let mut chains: BTreeSet<String> = a.stale.keys().cloned().collect();
+                    let mut affinity = BTreeSet::new();
+                    for group in group_by_service(&a.ports) {
+                        let o = self.describe(group);
+                        chains.extend(o.chains);
+                        affinity.extend(o.affinity_sets);
+                    }
+                    (chains, affinity)
+                }
+                (None, None) => (BTreeSet::new(), BTreeSet::new()),
+            };
         let mut stale: BTreeMap<String, u64> = prior.map(|a| a.stale.clone()).unwrap_or_default();
 
         // 1. Stale chains flushed long enough ago go in their own transaction, first.
@@ -1153,114 +1184,118 @@ impl NftRenderer {
             self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
         }
 
-        let mut next = Applied {
-            service_cidrs: state.service_cidrs.clone(),
-            ..Applied::default()
-        };
-        let mut mirror: BTreeMap<(String, String), Element> = if full {
-            match opts.existing {
-                Some(e) => e
-                    .elements
-                    .iter()
-                    .filter(|el| MANAGED.contains(&el.set.as_str()))
-                    .map(|el| ((el.set.clone(), el.key_text()), el.clone()))
-                    .collect(),
-                None => {
-                    // Without a read-back, start the managed containers from empty.
-                    for name in MANAGED {
-                        tx.push(Op::FlushSet {
-                            name: name.into(),
-                            is_map: name != CLUSTER_IPS,
-                        });
-                    }
-                    BTreeMap::new()
+        // The managed elements in the kernel, with the element itself where a deletion
+        // may need it (read back) or only the value (our record).
+        let mut in_kernel: HashMap<ElementId, (ValueId, Option<&Element>)> = match opts.existing {
+            Some(e) => e
+                .elements
+                .iter()
+                .filter_map(|el| element_id(el).map(|k| (k, (value_id(&el.value), Some(el)))))
+                .collect(),
+            None if full => {
+                // Without a read-back, start the managed containers from empty.
+                for name in MANAGED {
+                    tx.push(Op::FlushSet {
+                        name: name.into(),
+                        is_map: name != CLUSTER_IPS,
+                    });
                 }
+                HashMap::new()
             }
-        } else {
-            prior.map(|a| a.mirror.clone()).unwrap_or_default()
+            None => prior
+                .map(|a| a.mirror.iter().map(|(k, v)| (*k, (*v, None))).collect())
+                .unwrap_or_default(),
         };
         let mut element_ops: Vec<Op> = Vec::new();
         let mut services_written = 0;
-        let mut prev_iter = previous
-            .map(|p| p.services.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .peekable();
-        let mut desired_keys: HashSet<(String, String)> = HashSet::new();
+        let mut prev_iter =
+            group_by_service(previous.map(|p| p.ports.as_slice()).unwrap_or_default()).peekable();
+        let mut desired: HashMap<ElementId, ValueId> = HashMap::new();
+        // Elements of Services that went away or changed (for deleting what only they
+        // had when the kernel's own elements are not at hand).
+        let mut old_elements: Vec<Element> = Vec::new();
+        let mut active: HashSet<String> = HashSet::new();
+        let mut active_affinity: HashSet<String> = HashSet::new();
         for group in state.service_groups() {
-            let name = &group[0].svc.name;
-            let this = (name.namespace.as_str(), name.name.as_str());
-            while prev_iter
-                .peek()
-                .is_some_and(|(k, _)| (k.namespace.as_str(), k.name.as_str()) < this)
-            {
+            let this = service_of(group);
+            while let Some(gone) = prev_iter.peek() {
+                if service_of(gone) >= this {
+                    break;
+                }
+                old_elements.extend(self.describe(gone).elements);
                 prev_iter.next();
             }
-            let same_key = prev_iter
-                .peek()
-                .filter(|(k, _)| (k.namespace.as_str(), k.name.as_str()) == this);
-            let key = match same_key {
-                Some((k, _)) => Arc::clone(k),
-                None => Arc::new(group[0].service_key()),
-            };
-            let unchanged = same_key
-                .filter(|(_, s)| s.ports.as_slice() == group)
-                .map(|(_, s)| Arc::clone(s));
-            let entry = match unchanged {
-                Some(e) => e,
-                None => {
-                    services_written += 1;
-                    let entry = self.rewrite_service(group, &mut tx);
-                    // Elements of a rewritten Service: add or update what differs.
-                    for e in &entry.elements {
-                        let k = (e.set.clone(), e.key_text());
-                        match mirror.get(&k) {
-                            Some(old) if old.value == e.value => {}
-                            Some(_) => {
-                                element_ops.push(Op::DeleteElement(e.clone()));
-                                element_ops.push(Op::AddElement(e.clone()));
-                                mirror.insert(k, e.clone());
-                            }
-                            None => {
-                                element_ops.push(Op::AddElement(e.clone()));
-                                mirror.insert(k, e.clone());
-                            }
+            let mut unchanged = false;
+            if let Some(was) = prev_iter.peek() {
+                if service_of(was) == this {
+                    unchanged = *was == group;
+                    if !unchanged {
+                        old_elements.extend(self.describe(was).elements);
+                    }
+                    prev_iter.next();
+                }
+            }
+            let objs = if unchanged {
+                self.describe(group)
+            } else {
+                services_written += 1;
+                let objs = self.rewrite_service(group, &mut tx);
+                // Elements of a rewritten Service: add or update what differs.
+                for e in &objs.elements {
+                    let Some(k) = element_id(e) else { continue };
+                    let v = value_id(&e.value);
+                    match in_kernel.get(&k) {
+                        Some((cur, _)) if *cur == v => {}
+                        Some(_) => {
+                            element_ops.push(Op::DeleteElement(e.clone()));
+                            element_ops.push(Op::AddElement(e.clone()));
+                            in_kernel.insert(k, (v, None));
+                        }
+                        None => {
+                            element_ops.push(Op::AddElement(e.clone()));
+                            in_kernel.insert(k, (v, None));
                         }
                     }
-                    Arc::new(entry)
                 }
+                objs
             };
-            for e in &entry.elements {
-                desired_keys.insert((e.set.clone(), e.key_text()));
+            for e in &objs.elements {
+                if let Some(k) = element_id(e) {
+                    desired.insert(k, value_id(&e.value));
+                }
             }
-            next.services.push((key, entry));
+            active.extend(objs.chains);
+            active_affinity.extend(objs.affinity_sets);
+        }
+        for gone in prev_iter {
+            old_elements.extend(self.describe(gone).elements);
         }
         // Elements come after every chain they point at, so that a cold sync split into
         // bounded batches never lets a packet reach a half-built Service: the dispatch
         // maps only learn a Service once its chains are complete.
         tx.ops.extend(element_ops);
 
-        // Elements nobody wants any more.
-        let unwanted: Vec<(String, String)> = mirror
-            .keys()
-            .filter(|k| !desired_keys.contains(*k))
-            .cloned()
-            .collect();
-        for k in unwanted {
-            if let Some(e) = mirror.remove(&k) {
-                tx.push(Op::DeleteElement(e));
+        // Elements nobody wants any more (in a stable order).
+        let mut old_by_id: HashMap<ElementId, &Element> = HashMap::new();
+        for e in &old_elements {
+            if let Some(k) = element_id(e) {
+                old_by_id.entry(k).or_insert(e);
             }
+        }
+        let mut unwanted: Vec<&Element> = in_kernel
+            .iter()
+            .filter(|(k, _)| !desired.contains_key(*k))
+            .filter_map(|(k, (_, el))| el.or_else(|| old_by_id.get(k).copied()))
+            .collect();
+        unwanted.sort_by_cached_key(|e| (e.set.clone(), e.key_text()));
+        for e in unwanted {
+            tx.push(Op::DeleteElement(e.clone()));
         }
 
         // Chains no Service wants: flushed now, deleted by a later sync's clean-up.
-        let active: HashSet<&str> = next
-            .services
-            .iter()
-            .flat_map(|(_, s)| s.chains.iter().map(String::as_str))
-            .collect();
         let mut flushed_stale = Vec::new();
         for c in &known_chains {
-            if active.contains(c.as_str()) {
+            if active.contains(c) {
                 stale.remove(c);
             } else if !stale.contains_key(c) {
                 tx.push(Op::FlushChain(c.clone()));
@@ -1268,27 +1303,20 @@ impl NftRenderer {
                 flushed_stale.push(c.clone());
             }
         }
-        let active_affinity: HashSet<&str> = next
-            .services
-            .iter()
-            .flat_map(|(_, s)| s.affinity_sets.iter().map(String::as_str))
-            .collect();
         for s in &known_affinity {
-            if !active_affinity.contains(s.as_str()) {
+            if !active_affinity.contains(s) {
                 tx.push(Op::DeleteSet {
                     name: s.clone(),
                     is_map: false,
                 });
             }
         }
-        next.chains = active
-            .iter()
-            .map(|c| c.to_string())
-            .chain(stale.keys().cloned())
-            .collect();
-        next.affinity_sets = active_affinity.iter().map(|s| s.to_string()).collect();
-        next.stale = stale;
-        next.mirror = mirror;
+        let next = Applied {
+            ports: state.ports.clone(),
+            mirror: desired,
+            stale,
+            service_cidrs: state.service_cidrs.clone(),
+        };
 
         Rendered {
             cleanup,
@@ -1300,4 +1328,10 @@ impl NftRenderer {
             update: Update::Replace(next),
         }
     }
+}
+
+/// A group's Service, for walking two sorted lists of groups in step.
+fn service_of(group: &[Arc<PortPlan>]) -> (&str, &str) {
+    let n = &group[0].svc.name;
+    (n.namespace.as_str(), n.name.as_str())
 }
