@@ -17,6 +17,10 @@ use kproxy::nftables::text::transaction_text;
 use kproxy::nftables::COLD_SYNC_BATCH_OPS;
 use netns::Netns;
 
+// The allocator the `kproxy` binary uses, so the figures are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if !netns::require_root("nft_apply bench") {
         return;
@@ -77,13 +81,18 @@ fn main() {
             let t = Instant::now();
             let ps = state.proxy_state(IpFamily::V4, &node2);
             let out = r.render(&ps, &RenderOptions::default());
-            for part in out.main.clone().split(batch_ops) {
+            let (main, out) = out.take_main();
+            for part in main.split(batch_ops) {
                 nl.apply(&part).unwrap();
             }
             let t_full = t.elapsed();
             r.commit(out);
             let mut changes: Vec<Duration> = Vec::new();
-            for k in 0..20usize {
+            let runs: usize = std::env::var("CHANGES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20);
+            for k in 0..runs {
                 // One endpoint of one Service moves.
                 let mut slice = state
                     .slices()
@@ -116,6 +125,9 @@ fn main() {
                 r.commit(out);
             }
             changes.sort();
+            if changes.is_empty() {
+                changes.push(Duration::ZERO);
+            }
             (t_full, changes)
         });
         println!(

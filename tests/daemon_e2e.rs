@@ -407,3 +407,155 @@ fn failed_restore_is_retried_as_a_full_sync() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Rules of one family: `ip`/`ip6` table (nftables) or `iptables-save`/`ip6tables-save`.
+fn family_rules(ns: &Netns, mode: &str, v6: bool) -> String {
+    let (_, out, _) = match (mode, v6) {
+        ("nftables", false) => ns.exec(&["nft", "list", "table", "ip", "kube-proxy"]),
+        ("nftables", true) => ns.exec(&["nft", "list", "table", "ip6", "kube-proxy"]),
+        (_, false) => ns.exec(&["iptables-save"]),
+        (_, true) => ns.exec(&["ip6tables-save"]),
+    };
+    out
+}
+
+fn wait_family(ns: &Netns, mode: &str, v6: bool, what: &str, cond: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    loop {
+        let r = family_rules(ns, mode, v6);
+        if cond(&r) {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            panic!("{mode} v6={v6}: timed out waiting for {what}; rules now:\n{r}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn dual_stack_slice(name: &str, family: &str, ips: &[&str]) -> String {
+    let eps: String = ips
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  nodeName: node-a\n"))
+        .collect();
+    format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: app\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nendpoints:\n{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n")
+}
+
+/// A node with IPv4 and IPv6 addresses runs one dataplane per family (upstream's
+/// meta-proxier): a dual-stack Service gets rules in both, each family follows its own
+/// EndpointSlices, and /healthz reports both families.
+fn dual_stack(mode: &str) {
+    let ns = Netns::new(&format!("dual{}", &mode[..3]));
+    // (This kernel has no dummy interfaces; a veth pair inside the namespace serves
+    // as the node's interface.)
+    let setup: [&[&str]; 5] = [
+        &[
+            "ip", "link", "add", "node0", "type", "veth", "peer", "name", "node0p",
+        ],
+        &["ip", "addr", "add", "10.99.0.1/24", "dev", "node0"],
+        &[
+            "ip",
+            "addr",
+            "add",
+            "fd00:99::1/64",
+            "dev",
+            "node0",
+            "nodad",
+        ],
+        &["ip", "link", "set", "node0", "up"],
+        &["ip", "link", "set", "node0p", "up"],
+    ];
+    for cmd in setup {
+        let (ok, _, err) = ns.exec(cmd);
+        assert!(ok, "{cmd:?}: {err}");
+    }
+    let api = ns.run(FakeApi::start);
+    let dir = std::env::temp_dir().join(format!("kproxy-dual-{}-{mode}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    api.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses: [{type: InternalIP, address: 10.99.0.1}, {type: InternalIP, address: \"fd00:99::1\"}]\n");
+    api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: app}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP}]\n");
+    api.apply(&dual_stack_slice("web-v4", "IPv4", &["10.244.1.5"]));
+    api.apply(&dual_stack_slice("web-v6", "IPv6", &["fd00:244::5"]));
+
+    let log = std::fs::File::create(dir.join("kproxy.log")).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_kproxy"),
+            "run",
+        ])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--proxy-mode",
+            mode,
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:244::/64",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--min-sync-period",
+            "0s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kproxy run");
+    let _daemon = Daemon(child);
+
+    wait_family(&ns, mode, false, "the IPv4 endpoint", |r| {
+        r.contains("10.244.1.5") && r.contains("10.96.0.10")
+    });
+    wait_family(&ns, mode, true, "the IPv6 endpoint", |r| {
+        r.contains("fd00:244::5") && r.contains("fd00:96::10")
+    });
+    let v4 = family_rules(&ns, mode, false);
+    assert!(!v4.contains("fd00:"), "IPv6 addresses in IPv4 rules:\n{v4}");
+    let v6 = family_rules(&ns, mode, true);
+    assert!(
+        !v6.contains("10.244.1.5"),
+        "IPv4 endpoint in IPv6 rules:\n{v6}"
+    );
+    assert!(v6.contains("30080"), "the NodePort in IPv6 too:\n{v6}");
+
+    // Only the IPv6 slice changes: only the IPv6 rules follow.
+    api.apply(&dual_stack_slice("web-v6", "IPv6", &["fd00:244::6"]));
+    wait_family(&ns, mode, true, "the new IPv6 endpoint", |r| {
+        r.contains("fd00:244::6") && !r.contains("fd00:244::5")
+    });
+    assert!(family_rules(&ns, mode, false).contains("10.244.1.5"));
+
+    let (code, body) = http_get(&ns, 10256, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"IPv4\"") && body.contains("\"IPv6\""),
+        "both families in /healthz: {body}"
+    );
+    let (_, metrics) = http_get(&ns, 10249, "/metrics");
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}"),
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dual_stack_nftables() {
+    if require_root("dual_stack_nftables") {
+        dual_stack("nftables");
+    }
+}
+
+#[test]
+fn dual_stack_iptables() {
+    if require_root("dual_stack_iptables") {
+        dual_stack("iptables");
+    }
+}
