@@ -244,9 +244,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(family: Family, table: &str, first_seq: u32) -> Result<Batch, NetlinkError> {
+    fn new(family: Family, table: &str, first_seq: u32, ops: usize) -> Result<Batch, NetlinkError> {
         let mut b = Batch {
-            bytes: Vec::new(),
+            // Sized up front (a rule is ~200-400 bytes): growing a multi-megabyte
+            // buffer by doubling costs copies and fresh zeroed pages on a cold sync.
+            bytes: Vec::with_capacity(4096 + ops * 320),
             seq_to_op: Vec::new(),
             next_seq: first_seq,
             next_set_id: 1,
@@ -504,10 +506,18 @@ impl Batch {
             unsafe {
                 let s = sys::nftnl_set_alloc();
                 sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, self.table.as_ptr());
-                sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, cname.as_ptr());
                 sys::nftnl_set_set_u32(s, sys::NFTNL_SET_FAMILY as u16, self.fam() as u32);
-                if let Some(id) = set_id {
-                    sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
+                match set_id {
+                    // A set created earlier in this batch is found by its id alone: the
+                    // kernel looks a name up by walking every set of the table (10k+ on
+                    // a large cluster), an id in the batch's list of new sets, newest
+                    // first.
+                    Some(id) => {
+                        sys::nftnl_set_set_u32(s, sys::NFTNL_SET_ID as u16, id);
+                    }
+                    None => {
+                        sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, cname.as_ptr());
+                    }
                 }
                 for ((key, eflags, verdict, comment), chain) in chunk.iter().zip(&chains) {
                     let e = sys::nftnl_set_elem_alloc();
@@ -1098,7 +1108,7 @@ fn key_bytes(key: &[KeyValue]) -> Vec<u8> {
 type Encoded = (Vec<u8>, Vec<(u32, usize)>, u32);
 
 fn encode(tx: &Transaction, first_seq: u32) -> Result<Encoded, NetlinkError> {
-    let mut b = Batch::new(tx.family, &tx.table, first_seq)?;
+    let mut b = Batch::new(tx.family, &tx.table, first_seq, tx.ops.len())?;
     let mut i = 0;
     while i < tx.ops.len() {
         let op = &tx.ops[i];
