@@ -280,6 +280,8 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     );
     let metrics = metrics::Metrics::new();
     let health = health::Health::new(&families, cfg.sync_period).with_metrics(metrics.clone());
+    // Not eligible for load-balancer traffic until this node's Node object is seen.
+    health.set_node_eligible(false);
     let shared = Arc::new(Shared::new(&families, health.clone(), metrics));
     shared
         .state

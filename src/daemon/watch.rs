@@ -60,6 +60,8 @@ struct Kind<K> {
     adopt: fn(&mut ClusterState, ClusterState),
     /// The change's `last-change-trigger-time`, for network-programming latency.
     trigger: fn(&K) -> Option<(IpFamily, SystemTime)>,
+    /// Runs after each change of this kind has reached the state (not under its lock).
+    after: fn(&Shared),
 }
 
 /// Runs one watcher until the process ends.
@@ -80,6 +82,7 @@ where
         delete,
         adopt,
         trigger,
+        after,
     } = kind_;
     let kind = K::kind(&()).to_string();
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
@@ -101,6 +104,7 @@ where
                     adopt(&mut st, listed);
                 }
                 shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[index] = true;
+                after(&shared);
                 shared.changed();
             }
             Ok(Event::Apply(o)) => {
@@ -113,6 +117,7 @@ where
                     apply(&mut st, &o)
                 };
                 report(&shared, &o, &kind, r);
+                after(&shared);
                 shared.changed();
             }
             Ok(Event::Delete(o)) => {
@@ -124,6 +129,7 @@ where
                     let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
                     delete(&mut st, &o);
                 }
+                after(&shared);
                 shared.changed();
             }
             Err(e) => {
@@ -175,6 +181,7 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             },
             adopt: ClusterState::adopt_services,
             trigger: |_| None,
+            after: |_| {},
         },
     ));
     rt.spawn(watch_kind::<EndpointSlice>(
@@ -190,6 +197,7 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             },
             adopt: ClusterState::adopt_slices,
             trigger: slice_trigger_time,
+            after: |_| {},
         },
     ));
     rt.spawn(watch_kind::<Node>(
@@ -203,6 +211,16 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             delete: |st, _| st.clear_node(),
             adopt: ClusterState::adopt_node,
             trigger: |_| None,
+            // /healthz follows the Node at once, as upstream's node handler does.
+            after: |sh| {
+                let eligible = sh
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .node()
+                    .is_some_and(|n| !n.being_deleted);
+                sh.health.set_node_eligible(eligible);
+            },
         },
     ));
     rt.spawn(watch_kind::<ServiceCIDR>(
@@ -218,6 +236,7 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             },
             adopt: ClusterState::adopt_service_cidrs,
             trigger: |_| None,
+            after: |_| {},
         },
     ));
 }
