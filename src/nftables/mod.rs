@@ -19,7 +19,7 @@ use transaction::Family;
 /// Operations per batch when a cold sync (no table yet) is split: large enough to be
 /// efficient, small enough to stay clear of the kernel's quadratic cost for huge
 /// transactions (docs/benchmarks.md).
-pub const COLD_SYNC_BATCH_OPS: usize = 20_000;
+pub const COLD_SYNC_BATCH_OPS: usize = 10_000;
 
 /// Renders and applies every family's full ruleset once, over netlink, in the current
 /// network namespace (`kproxy apply --mode nftables`).

@@ -921,7 +921,7 @@ impl Batch {
         op: usize,
         targets: &[Verdict],
     ) -> Result<(String, u32), NetlinkError> {
-        let name = self.anon_name("__map");
+        let name = self.anon_name('m');
         // numgen writes a host-endian integer; nft records that byte order in the set's
         // user data (type 0, KEYBYTEORDER = 1, host) so listings show 0, 1, 2 …
         let mut user = vec![0u8, 4];
@@ -952,7 +952,7 @@ impl Batch {
         fam: Family,
         list: &[IpNet],
     ) -> Result<(String, u32), NetlinkError> {
-        let name = self.anon_name("__set");
+        let name = self.anon_name('s');
         let (ty, len) = match fam {
             Family::Ip => (TYPE_IPADDR, 4u32),
             Family::Ip6 => (TYPE_IP6ADDR, 16u32),
@@ -978,23 +978,18 @@ impl Batch {
 
     /// A concrete, unique name for an anonymous set. nft sends `__set%d` and lets the
     /// kernel pick a free number, which scans every set of the table with sscanf for
-    /// each new one: quadratic on a cold sync of thousands of Services. Names come
-    /// from a process-wide counter seeded with the start time in nanoseconds, so they
-    /// never repeat an anonymous set still in the table (a repeat would be refused).
-    fn anon_name(&self, prefix: &str) -> String {
+    /// each new one: quadratic on a cold sync of thousands of Services. The kernel also
+    /// finds a set by name by comparing against every set of the table (length, then
+    /// bytes), so names are short and differ early: `__<counter><kind><suffix>`, the
+    /// counter in hex first, then `m` (map) or `s` (set), then this process's suffix
+    /// (see [`anon_suffix`]) so they never repeat a set another process left behind.
+    fn anon_name(&self, kind: char) -> String {
         use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::OnceLock;
-        static SEED: OnceLock<u64> = OnceLock::new();
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let seed = SEED.get_or_init(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
         format!(
-            "{prefix}k{seed:x}_{:x}",
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            "__{:x}{kind}{:06x}",
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            anon_suffix()
         )
     }
 
@@ -1182,6 +1177,44 @@ fn add_set(b: &mut Batch, op: usize, s: &Set) -> Result<(), NetlinkError> {
 pub struct Netlink {
     sock: mnl::Socket,
     seq: u32,
+}
+
+/// This process's 24-bit suffix for anonymous set names (0 = not chosen yet).
+static ANON_SUFFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The suffix of this process's anonymous set names, chosen from the clock at first use.
+fn anon_suffix() -> u32 {
+    use std::sync::atomic::Ordering;
+    let s = ANON_SUFFIX.load(Ordering::Relaxed);
+    if s != 0 {
+        return s;
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    // Mix the clock so that processes started close together differ in every bit.
+    let mixed = nanos.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    let fresh = (mixed as u32 & 0xff_ffff).max(1);
+    match ANON_SUFFIX.compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => fresh,
+        Err(current) => current,
+    }
+}
+
+/// Called with the anonymous set names found in the kernel (read-back before a full
+/// sync): if one of them carries our suffix (another process's, by a 1-in-16M
+/// chance), pick another, so our next names cannot collide with it.
+fn avoid_anon_suffix<'a>(names: impl Iterator<Item = &'a str> + Clone) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let tail = format!("{:06x}", anon_suffix());
+        if !names.clone().any(|n| n.ends_with(&tail)) {
+            return;
+        }
+        let next = (anon_suffix().wrapping_mul(2_654_435_761) >> 8 & 0xff_ffff).max(1);
+        ANON_SUFFIX.store(next, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: the socket is owned exclusively by this value (no aliasing pointers are
@@ -1425,6 +1458,7 @@ impl Netlink {
                 })
             }
         };
+        let mut anonymous = Vec::new();
         for m in &sets {
             // SAFETY: as for chains.
             unsafe {
@@ -1432,13 +1466,16 @@ impl Netlink {
                 if sys::nftnl_set_nlmsg_parse(m.as_ptr() as *const _, s) >= 0 {
                     let n = CStr::from_ptr(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16));
                     let name = n.to_string_lossy().into_owned();
-                    if !name.starts_with("__") {
+                    if name.starts_with("__") {
+                        anonymous.push(name);
+                    } else {
                         existing.sets.insert(name);
                     }
                 }
                 sys::nftnl_set_free(s);
             }
         }
+        avoid_anon_suffix(anonymous.iter().map(String::as_str));
         if !found_table && existing.sets.is_empty() {
             return Ok(None);
         }

@@ -452,12 +452,22 @@ impl Transaction {
     /// costs the kernel time quadratic in its size (see docs/benchmarks.md); the
     /// renderer orders a full sync so that every prefix is safe to commit (per-service
     /// chains and their elements before the dispatch maps point at them).
+    ///
+    /// The trailing run of element operations (the dispatch maps, written last) stays
+    /// one transaction whatever its size: each commit that adds verdict elements makes
+    /// the kernel re-validate every chain those maps reach, so one commit is cheapest,
+    /// and elements carry none of the per-batch costs that made huge batches slow.
     pub fn split(self, max_ops: usize) -> Vec<Transaction> {
         let max_ops = max_ops.max(1);
+        let tail_start = self
+            .ops
+            .iter()
+            .rposition(|op| !matches!(op, Op::AddElement(_) | Op::DeleteElement(_)))
+            .map_or(0, |i| i + 1);
         let mut out = Vec::new();
         let mut cur = Transaction::new(self.family, self.table.clone());
-        for op in self.ops {
-            if cur.ops.len() == max_ops {
+        for (i, op) in self.ops.into_iter().enumerate() {
+            if cur.ops.len() >= max_ops && (i <= tail_start) {
                 let next = Transaction::new(self.family, self.table.clone());
                 out.push(std::mem::replace(&mut cur, next));
             }
@@ -467,5 +477,55 @@ impl Transaction {
             out.push(cur);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    fn chain(i: usize) -> Op {
+        Op::FlushChain(format!("c{i}"))
+    }
+
+    fn element(i: usize) -> Op {
+        Op::AddElement(Element {
+            set: "cluster-ips".into(),
+            key: vec![KeyValue::Port(i as u16)],
+            comment: None,
+            value: None,
+        })
+    }
+
+    #[test]
+    fn split_bounds_batches_but_keeps_the_element_tail_whole() {
+        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
+        for i in 0..25 {
+            tx.push(chain(i));
+        }
+        // An element among the chains does not start the tail.
+        tx.push(element(999));
+        for i in 25..30 {
+            tx.push(chain(i));
+        }
+        for i in 0..23 {
+            tx.push(element(i));
+        }
+        let all: Vec<Op> = tx.ops.clone();
+        let parts = tx.split(10);
+        let sizes: Vec<usize> = parts.iter().map(|p| p.ops.len()).collect();
+        assert_eq!(sizes, vec![10, 10, 10, 1 + 23]);
+        let rejoined: Vec<Op> = parts.into_iter().flat_map(|p| p.ops).collect();
+        assert_eq!(rejoined, all, "order is kept");
+    }
+
+    #[test]
+    fn split_of_a_small_transaction_is_itself() {
+        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
+        tx.push(chain(0));
+        tx.push(element(0));
+        assert_eq!(tx.clone().split(10), vec![tx]);
+        let empty = Transaction::new(Family::Ip, "kube-proxy");
+        assert_eq!(empty.clone().split(10), vec![empty]);
     }
 }
