@@ -27,12 +27,14 @@ pub struct SyncOutcome {
 /// A failed sync. The kernel keeps what it had (both appliers are all-or-nothing);
 /// the next sync is full.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{mode} {family} {kind} sync failed: {message}", kind = if *.partial { "partial" } else { "full" })]
+#[error("{mode} {family} {what} failed: {message}")]
 pub struct DataplaneError {
     /// `iptables` or `nftables`.
     pub mode: &'static str,
     /// `IPv4` or `IPv6`.
     pub family: &'static str,
+    /// What failed: `full sync`, `partial sync` or `cleanup`.
+    pub what: &'static str,
     /// Whether the failed sync was a partial one (upstream counts those separately).
     pub partial: bool,
     /// What went wrong, with the failing object where the kernel named one.
@@ -174,6 +176,11 @@ pub mod fake {
                 return Err(DataplaneError {
                     mode: "nftables",
                     family: self.family.label(),
+                    what: if effective {
+                        "full sync"
+                    } else {
+                        "partial sync"
+                    },
                     partial: !effective,
                     message: "injected failure".into(),
                 });

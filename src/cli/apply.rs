@@ -6,9 +6,11 @@ use clap::Args;
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
 use crate::config::Mode;
+use crate::dataplane::Dataplane;
 use crate::iptables::apply::{detect_backend, Binaries, Iptables, RealExec};
 use crate::iptables::dataplane::IptablesDataplane;
 use crate::model::IpFamily;
+use crate::nftables::dataplane::NftDataplane;
 
 /// `kproxy apply` flags.
 #[derive(Debug, Clone, Args)]
@@ -81,6 +83,33 @@ pub fn reconcile_conntrack(state: &crate::model::ProxyState) {
     }
 }
 
+/// Every family's dataplane of `mode` that can exist on this host (an iptables family
+/// whose binary is missing has nothing to clean).
+fn cleanup_planes(mode: Mode) -> Vec<Box<dyn Dataplane>> {
+    let cfg = crate::config::Config::default();
+    let backend = (mode == Mode::Iptables).then(|| detect_backend(&RealExec));
+    let mut planes: Vec<Box<dyn Dataplane>> = Vec::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let settings = cfg.family_settings(family, "", None, &[]);
+        match backend {
+            Some(backend) => {
+                let bins = Binaries::new(family, backend);
+                if !Iptables::new(&RealExec, bins.clone()).available() {
+                    continue;
+                }
+                planes.push(Box::new(IptablesDataplane::new(
+                    settings,
+                    Box::new(RealExec),
+                    bins,
+                    cfg.sync_period,
+                )));
+            }
+            None => planes.push(Box::new(NftDataplane::new(settings))),
+        }
+    }
+    planes
+}
+
 /// Runs `kproxy cleanup`.
 pub fn run_cleanup(args: &CleanupArgs) -> Result<(), CliError> {
     let modes: Vec<Mode> = match args.mode.as_deref() {
@@ -90,23 +119,9 @@ pub fn run_cleanup(args: &CleanupArgs) -> Result<(), CliError> {
     };
     let mut problems = Vec::new();
     for mode in modes {
-        match mode {
-            Mode::Iptables => {
-                let backend = detect_backend(&RealExec);
-                for family in [IpFamily::V4, IpFamily::V6] {
-                    let ipt = Iptables::new(&RealExec, Binaries::new(family, backend));
-                    if !ipt.available() {
-                        continue;
-                    }
-                    if let Err(e) = ipt.cleanup() {
-                        problems.push(format!("iptables {}: {e}", family.label()));
-                    }
-                }
-            }
-            Mode::Nftables => {
-                if let Err(e) = crate::nftables::cleanup() {
-                    problems.push(format!("nftables: {e}"));
-                }
+        for mut dp in cleanup_planes(mode) {
+            if let Err(e) = dp.cleanup() {
+                problems.push(e.to_string());
             }
         }
     }

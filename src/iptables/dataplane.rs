@@ -127,6 +127,7 @@ impl IptablesDataplane {
         DataplaneError {
             mode: Mode::Iptables.as_str(),
             family: self.renderer.settings().family.label(),
+            what: if partial { "partial sync" } else { "full sync" },
             partial,
             message: e.to_string(),
         }
@@ -171,6 +172,9 @@ impl Dataplane for IptablesDataplane {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let result = self.iptables().cleanup();
         self.renderer.invalidate();
-        result.map_err(|e| self.error(false, &e))
+        result.map_err(|e| DataplaneError {
+            what: "cleanup",
+            ..self.error(false, &e)
+        })
     }
 }

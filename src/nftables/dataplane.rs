@@ -51,6 +51,7 @@ impl NftDataplane {
         DataplaneError {
             mode: Mode::Nftables.as_str(),
             family: self.renderer.settings().family.label(),
+            what: if partial { "partial sync" } else { "full sync" },
             partial,
             message: e.to_string(),
         }
@@ -172,6 +173,9 @@ impl Dataplane for NftDataplane {
         let result = self.socket().and_then(|nl| nl.delete_table(family, TABLE));
         self.renderer = NftRenderer::new(self.renderer.settings().clone());
         self.first = true;
-        result.map_err(|e| self.error(false, e))
+        result.map_err(|e| DataplaneError {
+            what: "cleanup",
+            ..self.error(false, e)
+        })
     }
 }
