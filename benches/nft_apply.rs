@@ -14,7 +14,7 @@ use kproxy::model::{synthetic, IpFamily, NodeContext};
 use kproxy::nftables::netlink::Netlink;
 use kproxy::nftables::render::{NftRenderer, RenderOptions};
 use kproxy::nftables::text::transaction_text;
-use kproxy::nftables::COLD_SYNC_BATCH_OPS;
+use kproxy::nftables::SYNC_BATCH_OPS;
 use netns::Netns;
 
 // The allocator the `kproxy` binary uses, so the figures are the binary's.
@@ -69,7 +69,7 @@ fn main() {
         let batch_ops: usize = std::env::var("BATCH_OPS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(COLD_SYNC_BATCH_OPS);
+            .unwrap_or(SYNC_BATCH_OPS);
 
         // (a) netlink, with the renderer's full sync split into bounded batches.
         let a_ns = Netns::new("bnl");
@@ -82,11 +82,41 @@ fn main() {
             let ps = state.proxy_state(IpFamily::V4, &node2);
             let out = r.render(&ps, &RenderOptions::default());
             let (main, out) = out.take_main();
-            for part in main.split(batch_ops) {
+            for part in main.split_at(batch_ops, &out.cuts) {
                 nl.apply(&part).unwrap();
             }
             let t_full = t.elapsed();
             r.commit(out);
+            if std::env::var_os("RESYNC").is_some() {
+                // A full resync over the existing table (the hourly resync, a retry after a
+                // failure, or taking over upstream's table), as the daemon does it.
+                let t = Instant::now();
+                let existing = nl
+                    .read_table(kproxy::nftables::transaction::Family::Ip, "kube-proxy")
+                    .unwrap();
+                let t_read = t.elapsed();
+                let out = r.render(
+                    &ps,
+                    &RenderOptions {
+                        full: true,
+                        now_ms: 0,
+                        existing: existing.as_ref(),
+                    },
+                );
+                let n_ops = out.main.len();
+                let (main, out) = out.take_main();
+                let parts = main.split_at(batch_ops, &out.cuts);
+                let batches = parts.len();
+                for part in parts {
+                    nl.apply(&part).unwrap();
+                }
+                eprintln!(
+                    "full resync over the existing table: {n_ops} operations in {batches} batches, read-back {:.2} s, total {:.2} s",
+                    t_read.as_secs_f64(),
+                    t.elapsed().as_secs_f64()
+                );
+                r.commit(out);
+            }
             let mut changes: Vec<Duration> = Vec::new();
             let runs: usize = std::env::var("CHANGES")
                 .ok()

@@ -10,7 +10,7 @@ use crate::model::{IpFamily, ProxyState};
 use super::netlink::{Netlink, NetlinkError};
 use super::render::{NftRenderer, RenderOptions, STALE_CHAIN_DELAY_MS, TABLE};
 use super::transaction::Family;
-use super::COLD_SYNC_BATCH_OPS;
+use super::SYNC_BATCH_OPS;
 
 /// A chain every kproxy (and upstream kube-proxy) table has; when it is gone, the
 /// table was deleted or flushed behind our back.
@@ -21,7 +21,6 @@ pub struct NftDataplane {
     renderer: NftRenderer,
     netlink: Option<Netlink>,
     clock: Instant,
-    first: bool,
 }
 
 impl NftDataplane {
@@ -32,7 +31,6 @@ impl NftDataplane {
             renderer: NftRenderer::new(settings),
             netlink: None,
             clock: Instant::now(),
-            first: true,
         }
     }
 
@@ -60,7 +58,6 @@ impl NftDataplane {
     fn try_sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, NetlinkError> {
         let family = self.nft_family();
         let now_ms = self.clock.elapsed().as_millis() as u64;
-        let first = self.first;
         // Full syncs re-read the kernel's table, so drift (or a predecessor's table) is
         // corrected; partial syncs trust our record.
         let existing = if full {
@@ -91,18 +88,14 @@ impl NftDataplane {
         let full_sync = rendered.full;
         let services_written = rendered.services_written;
         let (main, rest) = rendered.take_main();
-        if first && existing.is_none() && main.len() > COLD_SYNC_BATCH_OPS {
-            // Nothing is there yet, so every prefix of the ordered transaction is a
-            // consistent table: apply it in bounded batches (one huge transaction is
-            // quadratic in the kernel). `split` consumes the transaction, so the peak
-            // holds one copy of it, not two.
-            for part in main.split(COLD_SYNC_BATCH_OPS) {
-                nl.apply(&part)?;
-            }
-        } else {
-            nl.apply(&main)?;
+        // A large sync (cold start, take-over, full resync at scale) goes as bounded
+        // batches cut where every prefix is a consistent table (each Service old or
+        // entirely new); a failure stops at a batch boundary and the next sync is full.
+        // Anything smaller is one atomic batch. `split_at` consumes the transaction, so
+        // the peak holds one copy of it, not two.
+        for part in main.split_at(SYNC_BATCH_OPS, &rest.cuts) {
+            nl.apply(&part)?;
         }
-        self.first = false;
         self.renderer.commit(rest);
         if cleanup_failed {
             // Our record now says those chains are gone; let a full sync (which reads
@@ -172,7 +165,6 @@ impl Dataplane for NftDataplane {
         let family = self.nft_family();
         let result = self.socket().and_then(|nl| nl.delete_table(family, TABLE));
         self.renderer = NftRenderer::new(self.renderer.settings().clone());
-        self.first = true;
         result.map_err(|e| DataplaneError {
             what: "cleanup",
             ..self.error(false, e)

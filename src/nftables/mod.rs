@@ -16,10 +16,12 @@ use netlink::{Netlink, NetlinkError};
 use render::{NftRenderer, RenderOptions, TABLE};
 use transaction::Family;
 
-/// Operations per batch when a cold sync (no table yet) is split: large enough to be
+/// Operations per batch when a large sync (a cold start, taking over an existing table,
+/// a full resync at scale) is split at the renderer's cut points: large enough to be
 /// efficient, small enough to stay clear of the kernel's quadratic cost for huge
-/// transactions (docs/benchmarks.md).
-pub const COLD_SYNC_BATCH_OPS: usize = 10_000;
+/// transactions (one 450k-operation resync at 10k Services took 217 s; split, seconds —
+/// docs/benchmarks.md). Smaller syncs are one atomic batch.
+pub const SYNC_BATCH_OPS: usize = 10_000;
 
 /// Renders and applies every family's full ruleset once, over netlink, in the current
 /// network namespace (`kproxy apply --mode nftables`).
@@ -43,14 +45,8 @@ pub fn apply_once(inputs: &Inputs) -> Result<(), NetlinkError> {
             nl.apply(c)?;
         }
         let (main, rendered) = rendered.take_main();
-        if existing.is_none() && main.len() > COLD_SYNC_BATCH_OPS {
-            // Nothing is there yet, so every prefix of the ordered transaction is a
-            // consistent table: apply it in bounded batches.
-            for part in main.split(COLD_SYNC_BATCH_OPS) {
-                nl.apply(&part)?;
-            }
-        } else {
-            nl.apply(&main)?;
+        for part in main.split_at(SYNC_BATCH_OPS, &rendered.cuts) {
+            nl.apply(&part)?;
         }
         let stale = rendered.flushed_stale.clone();
         renderer.commit(rendered);

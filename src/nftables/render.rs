@@ -89,6 +89,12 @@ pub struct Rendered {
     pub deleted_stale: Vec<String>,
     /// Services whose chains this sync rewrites.
     pub services_written: usize,
+    /// Where `main` may be cut into consecutive batches (indices of operations that may
+    /// start a batch): after the fixed part, after each rewritten Service, and before
+    /// the trailing element and clean-up operations. Every such prefix is a consistent
+    /// table: each Service is either as before or completely rewritten, and the
+    /// dispatch maps only point at complete chains. See [`Transaction::split_at`].
+    pub cuts: Vec<usize>,
     update: Update,
 }
 
@@ -998,6 +1004,7 @@ impl NftRenderer {
             tx.push(Op::FlushChain("cluster-ips-check".into()));
             self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
         }
+        let mut cuts = vec![tx.ops.len()];
         let mut delta = Delta {
             ports: state.ports.clone(),
             service_cidrs: state.service_cidrs.clone(),
@@ -1032,6 +1039,7 @@ impl NftRenderer {
             }
             services_written += 1;
             new.push(self.rewrite_service(group, &mut tx));
+            cuts.push(tx.ops.len());
         }
         old.extend(prev.map(|gone| self.describe(gone)));
 
@@ -1109,6 +1117,7 @@ impl NftRenderer {
             flushed_stale,
             deleted_stale: aged,
             services_written,
+            cuts,
             update: Update::Delta(delta),
         }
     }
@@ -1186,6 +1195,9 @@ impl NftRenderer {
 
         // The managed elements in the kernel, with the element itself where a deletion
         // may need it (read back) or only the value (our record).
+        let mut cuts = vec![tx.ops.len()];
+        // Element operations go last, after every chain they point at (see below).
+        let mut element_ops: Vec<Op> = Vec::new();
         let mut in_kernel: HashMap<ElementId, (ValueId, Option<&Element>)> = match opts.existing {
             Some(e) => e
                 .elements
@@ -1193,9 +1205,11 @@ impl NftRenderer {
                 .filter_map(|el| element_id(el).map(|k| (k, (value_id(&el.value), Some(el)))))
                 .collect(),
             None if full => {
-                // Without a read-back, start the managed containers from empty.
+                // Without a read-back, start the managed containers from empty — in the
+                // element tail, so that the maps are emptied and refilled in one commit
+                // even when the sync is applied in several batches.
                 for name in MANAGED {
-                    tx.push(Op::FlushSet {
+                    element_ops.push(Op::FlushSet {
                         name: name.into(),
                         is_map: name != CLUSTER_IPS,
                     });
@@ -1206,7 +1220,6 @@ impl NftRenderer {
                 .map(|a| a.mirror.iter().map(|(k, v)| (*k, (*v, None))).collect())
                 .unwrap_or_default(),
         };
-        let mut element_ops: Vec<Op> = Vec::new();
         let mut services_written = 0;
         let mut prev_iter =
             group_by_service(previous.map(|p| p.ports.as_slice()).unwrap_or_default()).peekable();
@@ -1240,6 +1253,7 @@ impl NftRenderer {
             } else {
                 services_written += 1;
                 let objs = self.rewrite_service(group, &mut tx);
+                cuts.push(tx.ops.len());
                 // Elements of a rewritten Service: add or update what differs.
                 for e in &objs.elements {
                     let Some(k) = element_id(e) else { continue };
@@ -1325,6 +1339,7 @@ impl NftRenderer {
             flushed_stale,
             deleted_stale: aged,
             services_written,
+            cuts,
             update: Update::Replace(next),
         }
     }

@@ -447,31 +447,32 @@ impl Transaction {
         self.ops.push(op);
     }
 
-    /// Splits a large transaction into consecutive transactions of at most `max_ops`
-    /// operations each, keeping order. Used for huge cold syncs, whose single batch
-    /// costs the kernel time quadratic in its size (see docs/benchmarks.md); the
-    /// renderer orders a full sync so that every prefix is safe to commit (per-service
-    /// chains and their elements before the dispatch maps point at them).
-    ///
-    /// The trailing run of element operations (the dispatch maps, written last) stays
-    /// one transaction whatever its size: each commit that adds verdict elements makes
-    /// the kernel re-validate every chain those maps reach, so one commit is cheapest,
-    /// and elements carry none of the per-batch costs that made huge batches slow.
-    pub fn split(self, max_ops: usize) -> Vec<Transaction> {
-        let max_ops = max_ops.max(1);
-        let tail_start = self
-            .ops
-            .iter()
-            .rposition(|op| !matches!(op, Op::AddElement(_) | Op::DeleteElement(_)))
-            .map_or(0, |i| i + 1);
+    /// Splits a large transaction into consecutive transactions at the given cut points
+    /// (indices of operations that may start a batch), packing whole segments between
+    /// cuts greedily into batches of at most `max_ops` operations (a longer segment goes
+    /// alone). Used for huge syncs, whose single batch costs the kernel time quadratic
+    /// in its size (see docs/benchmarks.md). The renderer places cuts so that every
+    /// prefix is a consistent table (each Service old or completely new, dispatch maps
+    /// only pointing at complete chains), and its trailing element operations — whose
+    /// verdicts make the kernel re-validate every chain they reach — form one segment.
+    pub fn split_at(self, max_ops: usize, cuts: &[usize]) -> Vec<Transaction> {
+        let len = self.ops.len();
+        let mut bounds: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < len).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        bounds.push(len);
         let mut out = Vec::new();
         let mut cur = Transaction::new(self.family, self.table.clone());
-        for (i, op) in self.ops.into_iter().enumerate() {
-            if cur.ops.len() >= max_ops && (i <= tail_start) {
+        let mut ops = self.ops.into_iter();
+        let mut start = 0;
+        for end in bounds {
+            let segment = end - start;
+            if !cur.ops.is_empty() && cur.ops.len() + segment > max_ops {
                 let next = Transaction::new(self.family, self.table.clone());
                 out.push(std::mem::replace(&mut cur, next));
             }
-            cur.ops.push(op);
+            cur.ops.extend(ops.by_ref().take(segment));
+            start = end;
         }
         if !cur.ops.is_empty() || out.is_empty() {
             out.push(cur);
@@ -488,44 +489,50 @@ mod split_tests {
         Op::FlushChain(format!("c{i}"))
     }
 
-    fn element(i: usize) -> Op {
-        Op::AddElement(Element {
-            set: "cluster-ips".into(),
-            key: vec![KeyValue::Port(i as u16)],
-            comment: None,
-            value: None,
-        })
-    }
-
     #[test]
-    fn split_bounds_batches_but_keeps_the_element_tail_whole() {
+    fn split_packs_whole_segments_up_to_the_bound() {
         let mut tx = Transaction::new(Family::Ip, "kube-proxy");
-        for i in 0..25 {
+        for i in 0..30 {
             tx.push(chain(i));
         }
-        // An element among the chains does not start the tail.
-        tx.push(element(999));
-        for i in 25..30 {
-            tx.push(chain(i));
-        }
-        for i in 0..23 {
-            tx.push(element(i));
-        }
-        let all: Vec<Op> = tx.ops.clone();
-        let parts = tx.split(10);
+        let all = tx.ops.clone();
+        // Segments: 4, 4, 4, 3, 12 (a long one), 3.
+        let cuts = [4, 8, 12, 15, 27];
+        let parts = tx.split_at(10, &cuts);
         let sizes: Vec<usize> = parts.iter().map(|p| p.ops.len()).collect();
-        assert_eq!(sizes, vec![10, 10, 10, 1 + 23]);
+        assert_eq!(sizes, vec![8, 7, 12, 3]);
         let rejoined: Vec<Op> = parts.into_iter().flat_map(|p| p.ops).collect();
         assert_eq!(rejoined, all, "order is kept");
     }
 
     #[test]
-    fn split_of_a_small_transaction_is_itself() {
+    fn split_never_cuts_inside_a_segment() {
+        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
+        for i in 0..50 {
+            tx.push(chain(i));
+        }
+        let cuts = [20, 21, 45];
+        let parts = tx.clone().split_at(10, &cuts);
+        let mut at = 0;
+        let mut starts = Vec::new();
+        for p in &parts {
+            starts.push(at);
+            at += p.ops.len();
+        }
+        for s in &starts[1..] {
+            assert!(cuts.contains(s), "batch starts at {s}, not a cut");
+        }
+        // Out-of-range and unsorted cuts are ignored or ordered.
+        let parts = tx.split_at(100, &[60, 0, 30, 10]);
+        assert_eq!(parts.len(), 1);
+    }
+
+    #[test]
+    fn split_of_a_small_or_empty_transaction_is_itself() {
         let mut tx = Transaction::new(Family::Ip, "kube-proxy");
         tx.push(chain(0));
-        tx.push(element(0));
-        assert_eq!(tx.clone().split(10), vec![tx]);
+        assert_eq!(tx.clone().split_at(10, &[1]), vec![tx]);
         let empty = Transaction::new(Family::Ip, "kube-proxy");
-        assert_eq!(empty.clone().split(10), vec![empty]);
+        assert_eq!(empty.clone().split_at(10, &[]), vec![empty]);
     }
 }
