@@ -193,35 +193,38 @@ fn case(mode: &str, n: usize) {
     std::fs::create_dir_all(&dir).unwrap();
     let kc = dir.join("kubeconfig");
     std::fs::write(&kc, api.kubeconfig()).unwrap();
+    let spawn = || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "env"])
+            .arg(format!(
+                "KPROXY_IPTABLES_BACKEND={}",
+                if backend == "nft" { "nft" } else { "legacy" }
+            ))
+            .arg(env!("CARGO_BIN_EXE_kproxy"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args([
+                "--proxy-mode",
+                mode,
+                "--hostname-override",
+                "node-1",
+                "--cluster-cidr",
+                "10.128.0.0/10",
+                "--min-sync-period",
+                "0s",
+                "--healthz-bind-address",
+                "127.0.0.1:10256",
+                "--metrics-bind-address",
+                "127.0.0.1:10249",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let start = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "env"])
-        .arg(format!(
-            "KPROXY_IPTABLES_BACKEND={}",
-            if backend == "nft" { "nft" } else { "legacy" }
-        ))
-        .arg(env!("CARGO_BIN_EXE_kproxy"))
-        .arg("run")
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-1",
-            "--cluster-cidr",
-            "10.128.0.0/10",
-            "--min-sync-period",
-            "0s",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn();
     if polled {
         wait_chain(&ns, &chain_of(mode, n - 1, 1), Duration::from_secs(1800));
     } else {
@@ -260,9 +263,18 @@ fn case(mode: &str, n: usize) {
         // Let the follow-up sync that deletes flushed chains pass.
         std::thread::sleep(Duration::from_millis(1300));
     }
+    // A restart (a DaemonSet rolling update): the new process takes over the rules the
+    // old one left, with a full sync over the existing table.
+    let _ = child.kill();
+    let _ = child.wait();
+    let restart = Instant::now();
+    let mut child = spawn();
+    wait_synced(&ns, Duration::from_secs(1800));
+    let restart_sync = restart.elapsed();
     println!(
-        "| {mode} ({backend}) | {n} × 10 | {:.1} s | {:.0} MiB | {} | {} |",
+        "| {mode} ({backend}) | {n} × 10 | {:.1} s | {:.1} s | {:.0} MiB | {} | {} |",
         first_sync.as_secs_f64(),
+        restart_sync.as_secs_f64(),
         rss as f64 / 1024.0,
         p50_max(&mut lat),
         p50_max(&mut own),
@@ -288,8 +300,8 @@ fn main() {
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect();
-    println!("| mode (backend) | services × endpoints | first sync after start | daemon RSS | change → chain in kernel, p50 / max | daemon's network_programming_duration, p50 / max |");
-    println!("|---|---|---|---|---|---|");
+    println!("| mode (backend) | services × endpoints | first sync after start | first sync after a restart | daemon RSS | change → chain in kernel, p50 / max | daemon's network_programming_duration, p50 / max |");
+    println!("|---|---|---|---|---|---|---|");
     for mode in list("MODES", "nftables,iptables") {
         for &n in &sizes {
             case(&mode, n);

@@ -259,7 +259,15 @@ fn takeover_and_resync_match_a_fresh_full_sync() {
                 existing: Some(&existing),
             },
         );
-        nl.apply(&out.main).unwrap();
+        // Applied in small batches at the renderer's cut points, as a large take-over
+        // or full resync is: every batch must be accepted and the end state must be
+        // the same as one atomic batch (and as a fresh table).
+        let (main, out) = out.take_main();
+        let parts = main.split_at(5, &out.cuts);
+        assert!(parts.len() >= 3, "{} batches", parts.len());
+        for part in parts {
+            nl.apply(&part).unwrap();
+        }
         let flushed = out.flushed_stale.clone();
         r.commit(out);
         // A later sync deletes the chains this one emptied.

@@ -21,7 +21,7 @@ use transaction::Family;
 /// efficient, small enough to stay clear of the kernel's quadratic cost for huge
 /// transactions (one 450k-operation resync at 10k Services took 217 s; split, seconds —
 /// docs/benchmarks.md). Smaller syncs are one atomic batch.
-pub const SYNC_BATCH_OPS: usize = 10_000;
+pub const SYNC_BATCH_OPS: usize = 20_000;
 
 /// Renders and applies every family's full ruleset once, over netlink, in the current
 /// network namespace (`kproxy apply --mode nftables`).
