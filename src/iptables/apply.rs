@@ -110,6 +110,10 @@ pub struct Binaries {
     pub save: String,
     /// `iptables-restore`.
     pub restore: String,
+    /// Large restores go in pieces (`chunk::split_restore`): on iptables-nft, whose
+    /// `--noflush` restore is quadratic in its input. iptables-legacy replaces the
+    /// whole table on every restore, so there one restore is cheapest.
+    pub split_large_restores: bool,
 }
 
 impl Binaries {
@@ -128,6 +132,7 @@ impl Binaries {
             iptables: format!("{base}{suffix}"),
             save: format!("{base}{suffix}-save"),
             restore: format!("{base}{suffix}-restore"),
+            split_large_restores: backend == Backend::Nft,
         }
     }
 }

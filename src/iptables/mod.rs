@@ -2,6 +2,7 @@
 //! the applier (the only part that runs iptables).
 
 pub mod apply;
+pub mod chunk;
 pub mod dataplane;
 pub mod names;
 pub mod normalize;
