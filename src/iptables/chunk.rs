@@ -339,7 +339,7 @@ mod tests {
     fn small_or_unusual_inputs_stay_whole() {
         let payload = sample(2);
         assert_eq!(split_restore(&payload, 1000), vec![payload.clone()]);
-        let odd = "*nat\n:KUBE-SVC-1 - [0:0]\n-F KUBE-SVC-1\nCOMMIT\n".repeat(1);
+        let odd = "*nat\n:KUBE-SVC-1 - [0:0]\n-F KUBE-SVC-1\nCOMMIT\n".to_string();
         assert_eq!(split_restore(&odd, 0), vec![odd.clone()]);
         let unterminated = "*nat\n:KUBE-SVC-1 - [0:0]\n";
         assert_eq!(
