@@ -84,7 +84,7 @@ fn pieces_equal_one_restore_in_the_kernel() {
 
     // First sync: 300 Services × 5 endpoints.
     let v1 = synthetic::cluster(300, 5).proxy_state(IpFamily::V4, &node);
-    let mut r = Renderer::new(settings.clone());
+    let r = Renderer::new(settings.clone());
     let first = r.render(
         &v1,
         &RenderOptions {
