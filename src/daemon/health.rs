@@ -170,7 +170,8 @@ impl Health {
 /// Serves `/healthz` and `/livez`, counting responses by status code when the health
 /// carries [`Metrics`].
 pub fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server> {
-    serve(addr, move |_, path| {
+    serve(addr, move |req: &super::http::Request| {
+        let path = req.path.as_str();
         match path.split('?').next().unwrap_or("") {
             "/healthz" => {
                 let r = health.response(true);
@@ -253,24 +254,27 @@ impl ServiceHealth {
             let counts = Arc::clone(&self.counts);
             let health = self.health.clone();
             let k2 = key.clone();
-            match serve(SocketAddr::new(self.bind, port), move |_, _| {
-                let n = counts
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get(&k2)
-                    .copied()
-                    .unwrap_or(0);
-                let healthy = health.healthy();
-                Response {
-                    status: if n != 0 && healthy { 200 } else { 503 },
-                    headers: vec![
-                        ("Content-Type", "application/json".into()),
-                        ("X-Content-Type-Options", "nosniff".into()),
-                        ("X-Load-Balancing-Endpoint-Weight", n.to_string()),
-                    ],
-                    body: service_body(&k2.namespace, &k2.name, n, healthy),
-                }
-            }) {
+            match serve(
+                SocketAddr::new(self.bind, port),
+                move |_: &super::http::Request| {
+                    let n = counts
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&k2)
+                        .copied()
+                        .unwrap_or(0);
+                    let healthy = health.healthy();
+                    Response {
+                        status: if n != 0 && healthy { 200 } else { 503 },
+                        headers: vec![
+                            ("Content-Type", "application/json".into()),
+                            ("X-Content-Type-Options", "nosniff".into()),
+                            ("X-Load-Balancing-Endpoint-Weight", n.to_string()),
+                        ],
+                        body: service_body(&k2.namespace, &k2.name, n, healthy),
+                    }
+                },
+            ) {
                 Ok(server) => {
                     self.servers.insert(key, (port, server));
                 }

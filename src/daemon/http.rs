@@ -48,7 +48,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn handle(mut stream: TcpStream, handler: &(dyn Fn(&str, &str) -> Response + Send + Sync)) {
+/// What a handler sees of a request.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// `GET`, …
+    pub method: String,
+    /// The path, query included.
+    pub path: String,
+    /// The `Accept` header ("" when absent), for content negotiation.
+    pub accept: String,
+}
+
+fn handle(mut stream: TcpStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -61,16 +72,27 @@ fn handle(mut stream: TcpStream, handler: &(dyn Fn(&str, &str) -> Response + Sen
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("GET").to_string();
     let path = parts.next().unwrap_or("/").to_string();
-    // Drain the headers (bounded).
+    // Read the headers (bounded), keeping Accept.
+    let mut accept = String::new();
     for _ in 0..100 {
         let mut h = String::new();
         match reader.read_line(&mut h) {
             Ok(0) | Err(_) => break,
             Ok(_) if h == "\r\n" || h == "\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.trim().eq_ignore_ascii_case("accept") {
+                        accept = v.trim().to_string();
+                    }
+                }
+            }
         }
     }
-    let resp = handler(&method, &path);
+    let resp = handler(&Request {
+        method,
+        path,
+        accept,
+    });
     let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     for (k, v) in &resp.headers {
         out.push_str(&format!("{k}: {v}\r\n"));
@@ -83,10 +105,10 @@ fn handle(mut stream: TcpStream, handler: &(dyn Fn(&str, &str) -> Response + Sen
     let _ = stream.write_all(out.as_bytes());
 }
 
-/// Serves `handler(method, path)` on `addr` until the returned [`Server`] is dropped.
+/// Serves `handler(request)` on `addr` until the returned [`Server`] is dropped.
 pub fn serve(
     addr: SocketAddr,
-    handler: impl Fn(&str, &str) -> Response + Send + Sync + 'static,
+    handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
 ) -> std::io::Result<Server> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
@@ -110,10 +132,23 @@ pub fn serve(
 /// Test helper: one `GET` over a fresh connection; (status, head, body).
 #[cfg(test)]
 pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    get_accepting(addr, path, None)
+}
+
+/// Test helper: one `GET` with an optional `Accept` header.
+#[cfg(test)]
+pub(crate) fn get_accepting(
+    addr: SocketAddr,
+    path: &str,
+    accept: Option<&str>,
+) -> (u16, String, String) {
     use std::io::Read;
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n{accept}\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();

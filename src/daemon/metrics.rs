@@ -480,14 +480,59 @@ impl Metrics {
     }
 }
 
+/// The classic Prometheus text format's content type.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text → Prometheus text format 0.0.4: counter families are named with
+/// their `_total` suffix in `# HELP`/`# TYPE` (as upstream exposes them), `# UNIT` and
+/// `# EOF` lines go. Samples are the same in both formats.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = l
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| l.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        if let Some((kind, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str(kind);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
 /// Serves `/metrics`, `/healthz` and `/proxyMode`.
 pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<Server> {
-    super::http::serve(addr, move |_, path| {
-        match path.split('?').next().unwrap_or("") {
-            "/metrics" => Response {
+    super::http::serve(addr, move |req: &super::http::Request| {
+        match req.path.split('?').next().unwrap_or("") {
+            // OpenMetrics for scrapers that ask for it (Prometheus does); otherwise the
+            // classic text format, as upstream's server answers a plain request.
+            "/metrics" if req.accept.contains("application/openmetrics-text") => Response {
                 status: 200,
                 headers: vec![("Content-Type", CONTENT_TYPE.into())],
                 body: metrics.render(),
+            },
+            "/metrics" => Response {
+                status: 200,
+                headers: vec![("Content-Type", TEXT_CONTENT_TYPE.into())],
+                body: openmetrics_to_text(&metrics.render()),
             },
             "/healthz" => Response {
                 status: 200,
@@ -916,13 +961,41 @@ mod tests {
         let m = Metrics::new();
         m.change(false);
         let server = serve("127.0.0.1:0".parse().unwrap(), m.clone(), Mode::Nftables).unwrap();
-        let (code, head, body) = http_get(server.addr(), "/metrics");
+        let (code, head, body) = crate::daemon::http::get_accepting(
+            server.addr(),
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        );
         assert_eq!(code, 200);
         assert!(
             head.contains(&format!("Content-Type: {CONTENT_TYPE}")),
             "{head}"
         );
         assert_eq!(body, m.render());
+        // A plain request gets the classic text format, counters named as upstream's.
+        let (code, head, text) = http_get(server.addr(), "/metrics");
+        assert_eq!(code, 200);
+        assert!(
+            head.contains(&format!("Content-Type: {TEXT_CONTENT_TYPE}")),
+            "{head}"
+        );
+        assert!(
+            text.contains("# TYPE kubeproxy_sync_proxy_rules_service_changes_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP kubeproxy_sync_proxy_rules_service_changes_total "),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains("# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nkubeproxy_sync_proxy_rules_service_changes_total 1\n"),
+            "{text}"
+        );
         assert!(
             body.contains("\nkubeproxy_sync_proxy_rules_service_changes_total 1\n"),
             "{body}"
