@@ -26,6 +26,49 @@ impl Drop for Daemon {
     }
 }
 
+/// `kproxy run` in `ns` as node-a against the fake API server, health on 10256 and
+/// metrics on 10249, minSyncPeriod 0, stderr to `log`.
+fn start_kproxy(
+    ns: &Netns,
+    kubeconfig: &std::path::Path,
+    mode: &str,
+    cluster_cidr: &str,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> Daemon {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_kproxy"),
+            "run",
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args([
+            "--proxy-mode",
+            mode,
+            "--hostname-override",
+            "node-a",
+            "--cluster-cidr",
+            cluster_cidr,
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--min-sync-period",
+            "0s",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start kproxy run");
+    Daemon(child)
+}
+
 fn node_yaml() -> &'static str {
     "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-a}\nstatus:\n  addresses: [{type: InternalIP, address: 10.99.0.1}]\n"
 }
@@ -111,40 +154,14 @@ fn case(mode: &str) {
     api.apply(&service("web", "10.96.0.10"));
     api.apply(&slice("web", &["10.244.1.5"]));
 
-    let log = std::fs::File::create(dir.join("kproxy.log")).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_kproxy"),
-            "run",
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-a",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--min-sync-period",
-            "0s",
-            "--sync-period",
-            "2s",
-            "-v",
-            "2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start kproxy run");
-    let mut daemon = Daemon(child);
+    let mut daemon = start_kproxy(
+        &ns,
+        &kubeconfig,
+        mode,
+        "10.244.0.0/16",
+        &["--sync-period", "2s", "-v", "2"],
+        &dir.join("kproxy.log"),
+    );
     let log_text = || std::fs::read_to_string(dir.join("kproxy.log")).unwrap_or_default();
 
     // Initial list -> first sync.
@@ -479,36 +496,14 @@ fn dual_stack(mode: &str) {
     api.apply(&dual_stack_slice("web-v4", "IPv4", &["10.244.1.5"]));
     api.apply(&dual_stack_slice("web-v6", "IPv6", &["fd00:244::5"]));
 
-    let log = std::fs::File::create(dir.join("kproxy.log")).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_kproxy"),
-            "run",
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-a",
-            "--cluster-cidr",
-            "10.244.0.0/16,fd00:244::/64",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--min-sync-period",
-            "0s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start kproxy run");
-    let _daemon = Daemon(child);
+    let _daemon = start_kproxy(
+        &ns,
+        &kubeconfig,
+        mode,
+        "10.244.0.0/16,fd00:244::/64",
+        &[],
+        &dir.join("kproxy.log"),
+    );
 
     wait_family(&ns, mode, false, "the IPv4 endpoint", |r| {
         r.contains("10.244.1.5") && r.contains("10.96.0.10")

@@ -580,6 +580,11 @@ mod tests {
     }
 
     /// The `le` boundaries of one histogram series, in order.
+    /// One histogram bucket's cumulative count.
+    fn bucket(text: &str, name: &str, le: &str, labels: &str) -> Option<String> {
+        sample(text, &format!("{name}_bucket{{le=\"{le}\",{labels}}}"))
+    }
+
     fn les(text: &str, name: &str, labels: &str) -> Vec<String> {
         let prefix = format!("{name}_bucket{{le=\"");
         text.lines()
@@ -849,11 +854,11 @@ mod tests {
         }
         // 3 ms: above 0.002, within 0.004; cumulative counts.
         let b = |le: &str| {
-            sample(
+            bucket(
                 &text,
-                &format!(
-                    "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{le}\",ip_family=\"IPv4\"}}"
-                ),
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                le,
+                "ip_family=\"IPv4\"",
             )
         };
         assert_eq!(b("0.002").as_deref(), Some("0"));
@@ -887,11 +892,11 @@ mod tests {
         assert_eq!(want.len(), 82);
         assert_eq!(got, want, "{text}");
         let b = |le: &str| {
-            sample(
+            bucket(
                 &text,
-                &format!(
-                    "kubeproxy_network_programming_duration_seconds_bucket{{le=\"{le}\",ip_family=\"IPv6\"}}"
-                ),
+                "kubeproxy_network_programming_duration_seconds",
+                le,
+                "ip_family=\"IPv6\"",
             )
         };
         assert_eq!(b("115.0").as_deref(), Some("0"));

@@ -112,42 +112,23 @@ impl SyncLoop {
         }
     }
 
-    /// Waits for a change, a retry or follow-up deadline, or the periodic sync; clears
-    /// the change flag. Returns false on stop.
-    fn wait_for_work(shared: &Shared, stop: &AtomicBool, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
+    /// Waits until `until`, or until stopped, or (with `on_change`) until a change is
+    /// flagged. Returns false when stopped. The change flag is left for the caller,
+    /// which clears it right before reading the state, so nothing is lost between.
+    fn wait(shared: &Shared, stop: &AtomicBool, until: Instant, on_change: bool) -> bool {
         let mut dirty = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        while !*dirty && !stop.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            dirty = shared
-                .wake
-                .wait_timeout(dirty, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        *dirty = false;
-        !stop.load(Ordering::SeqCst)
-    }
-
-    /// Sleeps until `until` unless stopped.
-    fn sleep_until(shared: &Shared, stop: &AtomicBool, until: Instant) {
-        let mut guard = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        while !stop.load(Ordering::SeqCst) {
+        while !(stop.load(Ordering::SeqCst) || on_change && *dirty) {
             let now = Instant::now();
             if now >= until {
                 break;
             }
-            // Changes arriving now are folded into the coming sync: the flag stays set
-            // and the loop below reads the state after this wait.
-            guard = shared
+            dirty = shared
                 .wake
-                .wait_timeout(guard, until - now)
+                .wait_timeout(dirty, until - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        !stop.load(Ordering::SeqCst)
     }
 
     /// Derives every family's state under the lock (cheap: per-Service plans are
@@ -201,17 +182,16 @@ impl SyncLoop {
                         .unwrap_or(self.settings.sync_period)
                         .min(self.settings.sync_period)
                 };
-                if !Self::wait_for_work(shared, stop, wait) {
+                // A change, a retry or follow-up deadline, or the periodic sync.
+                if !Self::wait(shared, stop, Instant::now() + wait, true) {
                     return;
                 }
             }
             if let Some(end) = last_sync_end {
                 let earliest = end + self.settings.min_sync_period;
-                if Instant::now() < earliest {
-                    Self::sleep_until(shared, stop, earliest);
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
+                // Changes arriving meanwhile are folded into the coming sync.
+                if !Self::wait(shared, stop, earliest, false) {
+                    return;
                 }
             }
             // Everything that arrived up to now is in this sync.

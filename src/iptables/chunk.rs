@@ -19,7 +19,7 @@
 //! The result equals applying the original input at once (checked against a model in
 //! the unit tests, and in the kernel with iptables-nft by `tests/ipt_split_kernel.rs`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// Prefixes of the per-Service chains, in the order they must be created.
 const PER_SERVICE: [&str; 5] = [
@@ -154,52 +154,41 @@ pub fn split_restore(payload: &str, max_rules: usize) -> Vec<String> {
     order.sort_by_key(|c| rank(c));
     // Helper chains the per-Service chains jump to (KUBE-MARK-MASQ …), written first.
     let builtin = |t: &str| !t.starts_with("KUBE-");
-    let helpers: Vec<&str> = {
-        let mut seen = HashSet::new();
-        let mut v = Vec::new();
-        for t in rules
-            .values()
-            .flatten()
-            .flat_map(|l| targets(l))
-            .filter(|t| !builtin(t) && rank(t).is_none())
-        {
-            if seen.insert(t) {
-                v.push(t);
-            }
-        }
-        v.sort_unstable();
-        v
-    };
+    let helpers: BTreeSet<&str> = rules
+        .values()
+        .flatten()
+        .flat_map(|l| targets(l))
+        .filter(|t| !builtin(t) && rank(t).is_none())
+        .collect();
+    // Their declarations, then their rules. A helper the input does not declare already
+    // exists and is not written.
     let mut helper_lines: Vec<&str> = Vec::new();
-    for h in &helpers {
-        let Some(d) = nat.lines.iter().find(|l| {
-            l.strip_prefix(':')
-                .and_then(|r| r.split_whitespace().next())
-                == Some(h)
-        }) else {
-            // A helper the input does not declare (it already exists): nothing to write.
-            continue;
-        };
-        helper_lines.push(d);
-    }
-    for h in &helpers {
-        if helper_lines
-            .iter()
-            .any(|d| d[1..].split_whitespace().next() == Some(h))
-        {
-            let own: Vec<&str> = nat
-                .lines
-                .iter()
-                .filter(|l| rule_chain(l) == Some(h))
-                .copied()
-                .collect();
-            if own.iter().flat_map(|l| targets(l)).any(|t| !builtin(t)) {
-                // Helpers that jump elsewhere are beyond this simple ordering.
-                return whole();
-            }
-            helper_lines.extend(own);
+    let mut helper_rules: Vec<&str> = Vec::new();
+    for line in &nat.lines {
+        let declared = line
+            .strip_prefix(':')
+            .and_then(|r| r.split_whitespace().next());
+        if declared.is_some_and(|c| helpers.contains(c)) {
+            helper_lines.push(line);
+        } else if rule_chain(line).is_some_and(|c| helpers.contains(c)) {
+            helper_rules.push(line);
         }
     }
+    helper_rules.retain(|l| {
+        let chain = rule_chain(l);
+        helper_lines
+            .iter()
+            .any(|d| d[1..].split_whitespace().next() == chain)
+    });
+    if helper_rules
+        .iter()
+        .flat_map(|l| targets(l))
+        .any(|t| !builtin(t))
+    {
+        // Helpers that jump elsewhere are beyond this simple ordering.
+        return whole();
+    }
+    helper_lines.extend(helper_rules);
 
     let mut out = Vec::new();
     let mut lines: Vec<&str> = helper_lines;

@@ -294,19 +294,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 .unwrap_or_default(),
         });
     }
-    let trigger_time = slice
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-        .cloned();
     Ok(EndpointSlice {
         key,
         service,
         family,
         ports,
         endpoints,
-        trigger_time,
     })
 }
 

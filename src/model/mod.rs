@@ -259,8 +259,6 @@ pub struct EndpointSlice {
     pub ports: Vec<SlicePort>,
     /// Endpoints with a parsable first address.
     pub endpoints: Vec<SliceEndpoint>,
-    /// `endpoints.kubernetes.io/last-change-trigger-time`, for programming-latency metrics.
-    pub trigger_time: Option<String>,
 }
 
 /// What the proxy needs from its own Node object.

@@ -78,7 +78,6 @@ pub fn cluster(services: usize, endpoints_per_service: usize) -> ClusterState {
                     node_hints: vec![],
                 })
                 .collect(),
-            trigger_time: None,
         });
     }
     st
