@@ -11,7 +11,6 @@
 //! returns we ask for the ruleset generation and read until its reply; every error of
 //! the batch arrives before it.
 
-use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::net::IpAddr;
 use std::os::raw::{c_char, c_void};
@@ -19,6 +18,8 @@ use std::os::raw::{c_char, c_void};
 use ipnet::IpNet;
 use nftnl_sys as sys;
 
+use super::existing::{Existing, MANAGED_SETS};
+use super::interface::NftInterface;
 use super::text::op_line;
 use super::transaction::{
     AddrMatch, ChainType, DataType, Element, Expr, Family, Field, KeyValue, Op, Rule, Set, SetFlag,
@@ -1406,7 +1407,7 @@ impl Netlink {
         &mut self,
         family: Family,
         table: &str,
-    ) -> Result<Option<super::render::Existing>, NetlinkError> {
+    ) -> Result<Option<Existing>, NetlinkError> {
         let ctable = cstring(table)?;
         let chains = match self.dump(NFT_MSG_GETCHAIN, family, |_| {})? {
             Ok(m) => m,
@@ -1418,7 +1419,7 @@ impl Netlink {
                 })
             }
         };
-        let mut existing = super::render::Existing::default();
+        let mut existing = Existing::default();
         let mut found_table = false;
         for m in &chains {
             // SAFETY: m is a complete netlink message from the kernel; the chain object
@@ -1479,15 +1480,7 @@ impl Netlink {
         if !found_table && existing.sets.is_empty() {
             return Ok(None);
         }
-        let managed = [
-            "cluster-ips",
-            "service-ips",
-            "firewall-ips",
-            "no-endpoint-services",
-            "no-endpoint-nodeports",
-            "service-nodeports",
-        ];
-        for set in managed.iter().filter(|s| existing.sets.contains(**s)) {
+        for set in MANAGED_SETS.iter().filter(|s| existing.sets.contains(**s)) {
             let cset = cstring(set)?;
             let msgs = match self.dump(NFT_MSG_GETSETELEM, family, |nlh| {
                 // SAFETY: a set object naming the table and set, serialized as an
@@ -1563,6 +1556,88 @@ impl Netlink {
             }
             other => other,
         }
+    }
+}
+
+impl NftInterface for Netlink {
+    type Error = NetlinkError;
+
+    fn apply(&mut self, tx: &Transaction) -> Result<(), NetlinkError> {
+        Netlink::apply(self, tx)
+    }
+
+    fn read_table(
+        &mut self,
+        family: Family,
+        table: &str,
+    ) -> Result<Option<Existing>, NetlinkError> {
+        Netlink::read_table(self, family, table)
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, NetlinkError> {
+        Netlink::chain_exists(self, family, table, chain)
+    }
+
+    fn is_not_found(e: &NetlinkError) -> bool {
+        matches!(e, NetlinkError::Refused { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+    }
+
+    fn delete_table(&mut self, family: Family, table: &str) -> Result<(), NetlinkError> {
+        Netlink::delete_table(self, family, table)
+    }
+}
+
+/// A netlink connection opened on first use, so that building a dataplane cannot fail
+/// and costs nothing until it syncs.
+#[derive(Default)]
+pub struct LazyNetlink {
+    socket: Option<Netlink>,
+}
+
+impl LazyNetlink {
+    fn socket(&mut self) -> Result<&mut Netlink, NetlinkError> {
+        match &mut self.socket {
+            Some(s) => Ok(s),
+            none => Ok(none.insert(Netlink::open()?)),
+        }
+    }
+}
+
+impl NftInterface for LazyNetlink {
+    type Error = NetlinkError;
+
+    fn apply(&mut self, tx: &Transaction) -> Result<(), NetlinkError> {
+        self.socket()?.apply(tx)
+    }
+
+    fn read_table(
+        &mut self,
+        family: Family,
+        table: &str,
+    ) -> Result<Option<Existing>, NetlinkError> {
+        self.socket()?.read_table(family, table)
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, NetlinkError> {
+        self.socket()?.chain_exists(family, table, chain)
+    }
+
+    fn is_not_found(e: &NetlinkError) -> bool {
+        <Netlink as NftInterface>::is_not_found(e)
+    }
+
+    fn delete_table(&mut self, family: Family, table: &str) -> Result<(), NetlinkError> {
+        self.socket()?.delete_table(family, table)
     }
 }
 
@@ -1656,11 +1731,6 @@ fn parse_elements(msg: &[u8], set: &str, family: Family) -> Vec<Element> {
         sys::nftnl_set_free(s);
     }
     out
-}
-
-/// The set of chains in `existing` (helper for callers).
-pub fn chain_names(existing: &super::render::Existing) -> BTreeSet<String> {
-    existing.chains.clone()
 }
 
 #[cfg(test)]
