@@ -273,7 +273,10 @@ fn the_loop_drives_the_nftables_dataplane_over_the_fake() {
     let wait_for = |what: &str, f: &dyn Fn() -> bool| {
         let t = Instant::now();
         while !f() {
-            assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     };
@@ -287,7 +290,10 @@ fn the_loop_drives_the_nftables_dataplane_over_the_fake() {
     *shared.state.lock().unwrap() = synthetic::cluster(4, 2);
     shared.changed();
     wait_for("a partial sync", &|| table() == fresh(4));
-    assert!(!full(nft.applied().last().unwrap()), "a change is a partial sync");
+    assert!(
+        !full(nft.applied().last().unwrap()),
+        "a change is a partial sync"
+    );
 
     nft.fail_next(1);
     *shared.state.lock().unwrap() = synthetic::cluster(5, 2);
