@@ -61,7 +61,7 @@ pub struct DataplaneError {
 
 impl DataplaneError {
     /// A failed sync (`partial` or full) of `mode` for `family`.
-    pub fn sync_failed(
+    pub(crate) fn sync_failed(
         mode: Mode,
         family: IpFamily,
         partial: bool,
@@ -77,7 +77,7 @@ impl DataplaneError {
     }
 
     /// A failed clean-up of `mode` for `family`.
-    pub fn cleanup_failed(
+    pub(crate) fn cleanup_failed(
         mode: Mode,
         family: IpFamily,
         source: impl std::error::Error + Send + Sync + 'static,

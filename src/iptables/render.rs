@@ -111,12 +111,6 @@ impl Renderer {
         &self.settings
     }
 
-    /// Replaces the settings; the next sync is full.
-    pub fn set_settings(&mut self, settings: FamilySettings) {
-        self.settings = settings;
-        self.applied = None;
-    }
-
     /// Whether the next sync must be full (nothing applied yet, or a failure since).
     pub fn needs_full_sync(&self) -> bool {
         self.applied.is_none()
@@ -133,7 +127,7 @@ impl Renderer {
     }
 
     /// Per-service chains the renderer believes are in the kernel.
-    pub fn applied_chains(&self) -> BTreeSet<String> {
+    pub(crate) fn applied_chains(&self) -> BTreeSet<String> {
         self.applied
             .iter()
             .flat_map(|a| a.services.iter())
