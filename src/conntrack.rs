@@ -8,6 +8,8 @@
 //! (nothing serves) and 0 -> N (entries created while the service rejected have the
 //! service IP itself as reply source). The netlink part only lists and deletes.
 
+#![deny(unsafe_code)]
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 

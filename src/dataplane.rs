@@ -3,6 +3,8 @@
 //! remove them again. The sync loop (`daemon::sync`) drives any `Dataplane`, so its
 //! scheduling, retries and metrics are tested with a fake that needs no kernel.
 
+#![deny(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
