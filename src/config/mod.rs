@@ -73,7 +73,7 @@ pub enum ConfigError {
         problem: String,
     },
     /// One or more values are invalid.
-    #[error("invalid configuration:\n  - {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<FieldError>),
     /// A bad flag.
     #[error(transparent)]
