@@ -284,3 +284,36 @@ fn nodeport_addresses_per_family() {
     let s = cfg.family_settings(IpFamily::V4, "n", None, &addrs);
     assert_eq!(s.node_ip, Some("192.168.1.2".parse().unwrap()));
 }
+
+#[test]
+fn compatibility_table_lists_every_flag_and_field() {
+    let table = include_str!("../../docs/compatibility.md");
+    for f in flags::FLAGS {
+        assert!(
+            table.contains(&format!("`--{}`", f.name)),
+            "docs/compatibility.md does not list --{}",
+            f.name
+        );
+    }
+    let mut d = Document::default();
+    d.apply_defaults();
+    let serde_yaml_ng::Value::Mapping(top) = serde_yaml_ng::to_value(&d).unwrap() else {
+        panic!("document is not a mapping");
+    };
+    for (k, v) in top {
+        let k = k.as_str().unwrap().to_string();
+        match v {
+            serde_yaml_ng::Value::Mapping(inner) if k == "ipvs" || k == "winkernel" => {
+                assert!(!inner.is_empty());
+                assert!(table.contains(&format!("`{k}.*`")), "{k}.* missing");
+            }
+            serde_yaml_ng::Value::Mapping(inner) if k != "featureGates" => {
+                for (ik, _) in inner {
+                    let path = format!("`{k}.{}`", ik.as_str().unwrap());
+                    assert!(table.contains(&path), "docs/compatibility.md lacks {path}");
+                }
+            }
+            _ => assert!(table.contains(&format!("`{k}`")), "docs/compatibility.md lacks `{k}`"),
+        }
+    }
+}
