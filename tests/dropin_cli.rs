@@ -309,3 +309,28 @@ fn cleanup_and_init_only() {
     assert!(err.contains("initialization done"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn json_logs_and_no_colour_in_pipes() {
+    let d = dir("json");
+    let out = d.join("w.yaml");
+    let o = kproxy(&[
+        "--logging-format=json",
+        "--ipvs-scheduler=rr",
+        &format!("--write-config-to={}", out.display()),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "expected log lines");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some(), "{l}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -313,7 +313,10 @@ fn compatibility_table_lists_every_flag_and_field() {
                     assert!(table.contains(&path), "docs/compatibility.md lacks {path}");
                 }
             }
-            _ => assert!(table.contains(&format!("`{k}`")), "docs/compatibility.md lacks `{k}`"),
+            _ => assert!(
+                table.contains(&format!("`{k}`")),
+                "docs/compatibility.md lacks `{k}`"
+            ),
         }
     }
 }
