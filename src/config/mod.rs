@@ -725,7 +725,7 @@ impl Config {
             doc.hostname_override = Some(h.clone());
         }
         let feature_gates = doc.feature_gates.clone().unwrap_or_default();
-        for (name, _) in &feature_gates {
+        for name in feature_gates.keys() {
             if !gates::is_known(name) {
                 field(
                     &mut errors,

@@ -213,7 +213,7 @@ impl Document {
         let v6 = self
             .bind_address
             .as_deref()
-            .and_then(|a| crate::model::ip::parse_ip_sloppy(a))
+            .and_then(crate::model::ip::parse_ip_sloppy)
             .is_some_and(|ip| ip.is_ipv6());
         let (healthz_host, metrics_host) = if v6 {
             ("[::]", "[::1]")
