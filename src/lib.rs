@@ -15,5 +15,6 @@ pub mod memory;
 pub mod model;
 pub mod nftables;
 pub mod snapshot;
+pub mod sys;
 pub mod sysctl;
 pub mod trace;

@@ -67,7 +67,12 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
             }
         }
         Mode::Nftables => {
-            crate::nftables::apply_once(&inputs)
+            let plan: Vec<_> = inputs
+                .families
+                .iter()
+                .map(|s| (s.clone(), inputs.state.proxy_state(s.family, &inputs.node)))
+                .collect();
+            crate::nftables::apply_once(&plan)
                 .map_err(|e| CliError::failed(format!("nftables apply: {e}")))?;
             for s in &inputs.families {
                 summary.push(format!(
