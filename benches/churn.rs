@@ -207,7 +207,10 @@ fn counters(text: &str) -> Counters {
         ) + metric(
             text,
             "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
-        ) + metric(text, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"),
+        ) + metric(
+            text,
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+        ),
         programmed: metric(text, "kubeproxy_network_programming_duration_seconds_count"),
         programmed_seconds: metric(text, "kubeproxy_network_programming_duration_seconds_sum"),
     }
@@ -326,7 +329,10 @@ fn case(s: &Settings, mode: &str) -> Outcome {
             break;
         }
         if let Ok(Some(st)) = daemon.child.try_wait() {
-            panic!("{mode}: kproxy exited before its first sync ({st}); see {}", log.display());
+            panic!(
+                "{mode}: kproxy exited before its first sync ({st}); see {}",
+                log.display()
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(1800),
@@ -515,7 +521,10 @@ fn case(s: &Settings, mode: &str) -> Outcome {
     let rss_min = rss.iter().copied().min().unwrap_or(0);
     let hwm = samples.iter().map(|x| x.hwm_kib).max().unwrap_or(0);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let failed_lines = log_text.lines().filter(|l| l.contains("sync failed")).count();
+    let failed_lines = log_text
+        .lines()
+        .filter(|l| l.contains("sync failed"))
+        .count();
     let verified_n = lat.len();
     let ok = !died
         && failures == 0.0
@@ -622,7 +631,12 @@ fn plot(out: &Path, outcomes: &[Outcome], title: &str) -> Result<(), Box<dyn std
         .x_desc("seconds since the first sync")
         .y_desc("daemon RSS (MiB)")
         .draw()?;
-    let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), GREEN, MAGENTA];
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        GREEN,
+        MAGENTA,
+    ];
     for (o, color) in outcomes.iter().zip(colors) {
         chart
             .draw_series(LineSeries::new(
@@ -659,9 +673,7 @@ fn main() {
         ipt_backend: std::env::var("IPT_BACKEND").unwrap_or_else(|_| "nft".into()),
         out: std::env::var_os("CHURN_OUT")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/soak")
-            }),
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/soak")),
     };
     let modes: Vec<String> = std::env::var("MODES")
         .unwrap_or_else(|_| "nftables,iptables".into())

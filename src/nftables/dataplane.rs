@@ -21,6 +21,8 @@ pub struct NftDataplane {
     renderer: NftRenderer,
     netlink: Option<Netlink>,
     clock: Instant,
+    /// No sync has succeeded yet (the first one may take over a predecessor's table).
+    first: bool,
 }
 
 impl NftDataplane {
@@ -31,6 +33,7 @@ impl NftDataplane {
             renderer: NftRenderer::new(settings),
             netlink: None,
             clock: Instant::now(),
+            first: true,
         }
     }
 
@@ -65,6 +68,16 @@ impl NftDataplane {
         } else {
             None
         };
+        if let (true, Some(e)) = (self.first, &existing) {
+            // A restart (or a crash) left rules behind: say so, since the first sync
+            // now rewrites them rather than starting clean.
+            tracing::info!(
+                table = TABLE,
+                chains = e.chains.len(),
+                sets = e.sets.len(),
+                "took over the existing nftables table left by a previous run"
+            );
+        }
         let rendered = self.renderer.render(
             state,
             &RenderOptions {
@@ -97,6 +110,7 @@ impl NftDataplane {
             nl.apply(&part)?;
         }
         self.renderer.commit(rest);
+        self.first = false;
         if cleanup_failed {
             // Our record now says those chains are gone; let a full sync (which reads
             // the table back) find them again.

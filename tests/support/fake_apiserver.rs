@@ -495,8 +495,7 @@ impl FakeApi {
                 last_bookmark = Instant::now();
             }
             st = lock.lock().unwrap();
-            if st.generation != generation || Instant::now() > deadline || sent < st.compacted
-            {
+            if st.generation != generation || Instant::now() > deadline || sent < st.compacted {
                 drop(st);
                 let _ = stream.write_all(b"0\r\n\r\n");
                 return;
