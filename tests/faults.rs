@@ -471,16 +471,15 @@ fn kill9_during_apply_then_restart_converges_iptables() {
     kill_during_apply("iptables");
 }
 
-/// Holds an exclusive flock on `path` until the returned child is killed.
-fn hold_lock(path: &Path) -> Child {
-    Command::new("flock")
-        .arg("-x")
-        .arg(path)
-        .args(["sleep", "600"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("flock")
+/// Holds an exclusive flock on `path` (as another iptables user would) until dropped.
+/// Held by this process itself: a helper process would pass the lock to its children.
+fn hold_lock(path: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open lock file");
+    // SAFETY: flock on a valid fd we own; released when the file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", path.display());
+    file
 }
 
 #[test]
@@ -496,17 +495,15 @@ fn xtables_lock_held_by_another_process_waits_reports_retries() {
     let lock_s = lock.display().to_string();
     bed.api.apply(&service("web", "10.96.0.10"));
     bed.api.apply(&slice("web", &["10.244.1.5".to_string()]));
-    let mut holder = hold_lock(&lock);
-    // Let flock take it before kproxy starts.
-    let t = Instant::now();
-    while Command::new("flock")
-        .args(["-n", "-x", &lock_s, "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        assert!(t.elapsed() < Duration::from_secs(5), "flock never held");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let holder = hold_lock(&lock);
+    assert!(
+        !Command::new("flock")
+            .args(["-n", "-x", &lock_s, "true"])
+            .status()
+            .unwrap()
+            .success(),
+        "the lock is not held"
+    );
     let _daemon = bed.start("kproxy.log", &[("XTABLES_LOCKFILE", &lock_s)]);
     // It waits (iptables -w 5), then reports the lock and retries.
     let t = Instant::now();
@@ -531,8 +528,7 @@ fn xtables_lock_held_by_another_process_waits_reports_retries() {
         "the failed sync is not counted:\n{m}"
     );
     // Released: the next retry applies.
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     bed.wait_for(
         "the rules after the lock was released",
         "kproxy.log",
