@@ -161,6 +161,21 @@ pub fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), 
     }
 }
 
+/// Re-checks a converted Service before it is derived into ports: a Service inserted
+/// without going through `from_k8s` (tests, generators, future callers) must not reach
+/// a renderer with a name that is unsafe in its output either.
+pub fn renderable(svc: &super::Service) -> Result<(), String> {
+    dns1123_label(&svc.key.namespace).map_err(|m| format!("namespace {m}"))?;
+    dns1035_label(&svc.key.name).map_err(|m| format!("name {m}"))?;
+    for p in &svc.ports {
+        port_name(&p.name)?;
+    }
+    if let Some(t) = svc.affinity_timeout {
+        affinity_timeout(i32::try_from(t).unwrap_or(i32::MAX))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
