@@ -11,8 +11,11 @@ use crate::model::decode::{self, Kind};
 use crate::model::from_k8s::{self, SkipReason};
 use crate::model::validate;
 
+mod lenient;
 mod nesting;
+
 use crate::model::{ClusterState, NodeInfo};
+use lenient::{Key, Lenient};
 
 /// Why a snapshot could not be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -265,14 +268,14 @@ impl<'de> Visitor<'de> for DocSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
         let mut fields = serde_json::Map::new();
         let mut had_items = false;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(key) = map.next_key_seed(Key)? {
             if key == "items" {
                 had_items = true;
                 map.next_value_seed(ItemsSeed {
                     snap: &mut *self.snap,
                 })?;
             } else {
-                let v: Value = map.next_value()?;
+                let v = map.next_value_seed(Lenient)?;
                 fields.insert(key, v);
             }
         }
@@ -309,7 +312,7 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(item) = seq.next_element::<Value>()? {
+        while let Some(item) = seq.next_element_seed(Lenient)? {
             let kind = item
                 .get("kind")
                 .and_then(Value::as_str)

@@ -151,11 +151,15 @@ impl Inputs {
         {
             Some(name) => name,
             None => {
-                let from = match local_addresses.iter().find(|a| !a.addr().is_loopback()) {
-                    Some(a) => format!("--local-address {}", a.addr()),
-                    None => "nowhere (no --local-address given)".to_string(),
-                };
-                tracing::warn!("the snapshot holds no Node: the node IP comes from {from}");
+                match local_addresses.iter().find(|a| !a.addr().is_loopback()) {
+                    Some(a) => tracing::warn!(
+                        "the snapshot holds no Node: the node IP comes from --local-address {}",
+                        a.addr()
+                    ),
+                    None => tracing::warn!(
+                        "the snapshot holds no Node and no --local-address was given: no node IP is known"
+                    ),
+                }
                 wanted.unwrap_or_else(system_hostname)
             }
         };
