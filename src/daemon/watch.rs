@@ -2,7 +2,7 @@
 //! replaces a kind's objects wholesale, so deletions missed while disconnected still
 //! take effect; individual events only ever refine that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 use std::time::SystemTime;
 
@@ -136,19 +136,27 @@ async fn watch_kind<K>(
     let kind = ops.kind;
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut reported = Reported::default();
+    let mut relisted: HashSet<(String, String)> = HashSet::new();
     // A relist is converted into a staging state as it arrives (compact model only)
     // and replaces this kind's objects when complete, so deletions missed while
     // disconnected take effect and the old objects keep working until then.
     let mut staging = ClusterState::new();
     while let Some(ev) = stream.next().await {
         match ev {
-            Ok(Event::Init) => staging = ClusterState::new(),
+            Ok(Event::Init) => {
+                staging = ClusterState::new();
+                relisted.clear();
+            }
             Ok(Event::InitApply(o)) => {
                 let r = upsert(&ops, &mut staging, &o).map(|_| ());
                 let (ns, name) = o.key();
+                relisted.insert((ns.to_string(), name.to_string()));
                 reported.report(&shared, kind, ns, name, o.version(), r);
             }
             Ok(Event::InitDone) => {
+                // Bad objects deleted while disconnected are forgotten with the relist.
+                reported.0.retain(|k, _| relisted.contains(k));
+                relisted.clear();
                 {
                     let listed = std::mem::take(&mut staging);
                     let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
