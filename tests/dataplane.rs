@@ -23,7 +23,7 @@ mod bed;
 mod echo;
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
-#[path = "dataplane/netns.rs"]
+#[path = "support/netns.rs"]
 mod netns;
 #[path = "dataplane/snapshot.rs"]
 mod snapshot;
@@ -42,14 +42,7 @@ const PORT: u16 = 80;
 
 /// True when the case may run; skips without root unless `CI` is set.
 fn may_run() -> bool {
-    if netns::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("dataplane tests need root (network namespaces); CI is set, so not skipping");
-    }
-    eprintln!("dataplane: skipped (needs root to create network namespaces)");
-    false
+    netns::require_root("dataplane")
 }
 
 /// Generates `case::iptables` and `case::nftables` tests, each with optional attributes

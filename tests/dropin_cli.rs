@@ -258,9 +258,9 @@ fn bad_config_touches_nothing() {
         "bad.conf",
         &KUBEADM.replace("oomScoreAdj: null", "oomScoreAdj: 5000"),
     );
-    let (ok, _, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), &bad]);
+    let (ok, _, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), &bad]);
     assert!(!ok && err.contains("oomScoreAdj"), "{err}");
-    let (_, rules, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, rules, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(rules.trim().is_empty(), "something was written:\n{rules}");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -280,7 +280,7 @@ fn cleanup_and_init_only() {
     .unwrap();
     let snap = snap.display().to_string();
     for mode in ["iptables", "nftables"] {
-        let (ok, _, err) = ns.exec(&[
+        let (ok, _, err) = ns.exec_status(&[
             env!("CARGO_BIN_EXE_kproxy"),
             "apply",
             "--snapshot",
@@ -292,19 +292,19 @@ fn cleanup_and_init_only() {
         ]);
         assert!(ok, "{mode} apply: {err}");
     }
-    let (_, before, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, before, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(before.contains("10.96.0.10"), "{before}");
-    let (ok, out, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), "--cleanup"]);
+    let (ok, out, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), "--cleanup"]);
     assert!(ok, "--cleanup: {err}");
     assert!(out.contains("kproxy cleanup"), "one-line summary: {out}");
-    let (_, after, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, after, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(
         !after.contains("10.96.0.10")
             && !after.contains("KUBE-SVC")
             && !after.contains("kube-proxy"),
         "--cleanup left rules:\n{after}"
     );
-    let (ok, _, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), "--init-only", "-v=2"]);
+    let (ok, _, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), "--init-only", "-v=2"]);
     assert!(ok, "--init-only: {err}");
     assert!(err.contains("initialization done"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
