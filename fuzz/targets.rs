@@ -15,11 +15,8 @@ use kproxy::nftables::text::transaction_text;
 use kproxy::trace::iptables::{Packet, Ruleset};
 use kproxy::trace::nftables::Table;
 
-/// A fuzz target: its name and its entry point.
-pub type Target = (&'static str, fn(&[u8]));
-
 /// The targets by name (the names of the fuzz binaries and of testdata/fuzz/<name>/).
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [(&str, fn(&[u8])); 4] = [
     ("snapshot", snapshot),
     ("config", config),
     ("trace_iptables", trace_iptables),
@@ -35,7 +32,8 @@ pub fn snapshot(data: &[u8]) {
     let Ok(mut snap) = kproxy::snapshot::load_str(text, "fuzz") else {
         return;
     };
-    // Several Nodes and none chosen is an error for the CLI; here, no Node.
+    // A snapshot whose Nodes none of which is chosen is an error for the CLI; the
+    // fuzz target goes on with a fixed name so conversion and rendering still run.
     let node_name = snap
         .select_node(None)
         .ok()
