@@ -15,11 +15,11 @@ use kproxy::nftables::text::transaction_text;
 use kproxy::trace::iptables::{Packet, Ruleset};
 use kproxy::trace::nftables::Table;
 
-/// A fuzz target: any bytes in, no panic out.
-pub type Target = fn(&[u8]);
+/// A fuzz target: its name and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
 
 /// The targets by name (the names of the fuzz binaries and of testdata/fuzz/<name>/).
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [Target; 4] = [
     ("snapshot", snapshot),
     ("config", config),
     ("trace_iptables", trace_iptables),
