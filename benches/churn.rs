@@ -539,7 +539,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
         .filter(|w| w[1].c.syncs > w[0].c.syncs)
         .map(|w| (w[1].c.sync_seconds - w[0].c.sync_seconds) / (w[1].c.syncs - w[0].c.syncs))
         .fold(0.0f64, f64::max);
-    let min_sync = kproxy::config::parse_duration(&s.min_sync)
+    let min_sync = kproxy::config::parse_go_duration(&s.min_sync)
         .unwrap_or(Duration::from_secs(1))
         .as_secs_f64();
     let bound = Duration::from_secs_f64(min_sync + longest_sync);

@@ -2,7 +2,9 @@
 //! one-shot commands built on them. `main.rs` only dispatches.
 
 pub mod apply;
+pub mod daemon;
 pub mod inputs;
+pub mod logging;
 pub mod render;
 pub mod trace;
 
