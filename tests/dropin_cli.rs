@@ -334,3 +334,46 @@ fn json_logs_and_no_colour_in_pipes() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `--oom-score-adj` reaches the process (raising it needs no capability).
+#[test]
+fn oom_score_adj_is_applied() {
+    if !require_root("oom_score_adj_is_applied") {
+        return;
+    }
+    let ns = Netns::new("dropoom");
+    let d = dir("oom");
+    let kubeconfig = d.join("kubeconfig");
+    // A server nobody answers on: the daemon starts and keeps retrying its watches.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"http://127.0.0.1:9\"}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_kproxy")])
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args([
+            "--oom-score-adj=500",
+            "--healthz-bind-address=127.0.0.1:10256",
+            "--metrics-bind-address=",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let path = format!("/proc/{}/oom_score_adj", child.id());
+    let start = std::time::Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        seen = std::fs::read_to_string(&path).unwrap_or_default();
+        if seen.trim() == "500" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.trim(), "500");
+    let _ = std::fs::remove_dir_all(&d);
+}

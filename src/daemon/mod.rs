@@ -6,6 +6,7 @@
 pub mod health;
 pub mod http;
 pub mod metrics;
+mod raw;
 pub mod sync;
 pub mod watch;
 

@@ -439,7 +439,7 @@ impl<'s> Writer<'s> {
     /// every sync (KUBE-SERVICES, KUBE-NODEPORTS and the filter table).
     fn capture_rules(&self, port: &PortPlan, chains: &PortChains, out: &mut CaptureText) {
         let svc = &port.svc;
-        let spn = svc.name.to_string();
+        let spn = comment_text(&svc.name.to_string()).into_owned();
         let proto = svc.name.protocol.lower();
         let f = PortFlags::of(port).for_iptables();
 
@@ -556,7 +556,7 @@ impl<'s> Writer<'s> {
         chains_out: &mut Vec<String>,
     ) {
         let svc = &port.svc;
-        let spn = svc.name.to_string();
+        let spn = comment_text(&svc.name.to_string()).into_owned();
         let proto = svc.name.protocol.lower();
         let f = PortFlags::of(port).for_iptables();
         // Endpoint chain names, hashed once per endpoint (cluster and local endpoints are
@@ -859,6 +859,25 @@ impl<'s> Writer<'s> {
     }
 }
 
+/// Longest text xt_comment keeps (256 bytes with the NUL); the longest fixed text
+/// around a service port name is under 60 bytes.
+const COMMENT_TEXT_MAX: usize = 190;
+
+/// A service port name as it may appear in a `--comment`, quoted or not. Validated
+/// names pass unchanged (so the rules stay upstream's byte for byte); anything else is
+/// defused — a character that could end the argument, the line or the quote becomes
+/// `_`, and the text is cut to what xt_comment holds — so no name can ever inject a
+/// rule into `iptables-restore` input.
+pub(crate) fn comment_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/' | ':');
+    if s.len() <= COMMENT_TEXT_MAX && s.chars().all(safe) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().map(|c| if safe(c) { c } else { '_' }).collect();
+    out.truncate(COMMENT_TEXT_MAX);
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,6 +920,16 @@ mod tests {
         assert_eq!(partial.nat_rules, rule_lines(&partial.payload, "nat"));
         assert!(partial.nat_rules < full.nat_rules);
         assert!(partial.nat_rules_total > full.nat_rules_total);
+    }
+
+    #[test]
+    fn comment_text_defuses_what_restore_would_read() {
+        assert_eq!(comment_text("ns/svc:http"), "ns/svc:http");
+        assert_eq!(
+            comment_text("x\n-A KUBE-SERVICES -j ACCEPT\n#\"é"),
+            "x_-A_KUBE-SERVICES_-j_ACCEPT____"
+        );
+        assert_eq!(comment_text(&"a".repeat(1000)).len(), COMMENT_TEXT_MAX);
     }
 
     #[test]

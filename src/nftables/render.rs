@@ -873,7 +873,9 @@ impl NftRenderer {
             Element {
                 set: set.to_string(),
                 key,
-                comment: comment.map(str::to_string),
+                // Cut here, not only when printed, so that the netlink batch, the
+                // dry-run text and what `nft list` shows all agree.
+                comment: comment.map(|c| super::text::comment(c).into_owned()),
                 value,
             }
         };
