@@ -110,15 +110,23 @@ impl NlMsg {
 
     /// The message's bytes (padded to 4, as netlink frames are).
     pub(crate) fn finish(self) -> Result<Vec<u8>, SysError> {
-        self.check()?;
-        let len = self.len().div_ceil(4) * 4;
-        let mut out = Vec::with_capacity(len);
-        for w in &self.words[..len / 4] {
-            out.extend_from_slice(&w.to_ne_bytes());
-        }
-        // The header's length stays the unpadded one, as libnftnl wrote it.
-        SCRATCH.with(|s| *s.borrow_mut() = self.words);
+        let mut out = Vec::new();
+        self.append_to(&mut out)?;
         Ok(out)
+    }
+
+    /// Appends the message's bytes (padded to 4) to `out`, e.g. a batch.
+    pub(crate) fn append_to(self, out: &mut Vec<u8>) -> Result<(), SysError> {
+        self.check()?;
+        let words = self.len().div_ceil(4);
+        // SAFETY: any initialized `u32`s are valid bytes; the slice covers `words`
+        // whole words of the buffer (`check` made sure they are inside it).
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, words * 4) };
+        // The header's length stays the unpadded one, as libnftnl wrote it.
+        out.extend_from_slice(bytes);
+        SCRATCH.with(|s| *s.borrow_mut() = self.words);
+        Ok(())
     }
 }
 

@@ -176,9 +176,8 @@ impl<'n> Batch<'n> {
     }
 
     fn push(&mut self, msg: NlMsg) -> Result<(), NetlinkError> {
-        // Netlink messages are 4-byte aligned (`finish` pads).
-        self.bytes.extend_from_slice(&msg.finish()?);
-        Ok(())
+        // Netlink messages are 4-byte aligned (`append_to` pads).
+        Ok(msg.append_to(&mut self.bytes)?)
     }
 
     fn fam(&self) -> u8 {
