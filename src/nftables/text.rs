@@ -30,7 +30,7 @@ fn field(f: Family, fld: Field) -> &'static str {
 }
 
 /// One expression in nft syntax.
-pub fn expr_text(f: Family, e: &Expr) -> String {
+pub(crate) fn expr_text(f: Family, e: &Expr) -> String {
     match e {
         Expr::Addr {
             field: fld,
@@ -125,7 +125,7 @@ pub(crate) fn comment(c: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A rule's body (after the chain name).
-pub fn rule_body(f: Family, r: &Rule) -> String {
+pub(crate) fn rule_body(f: Family, r: &Rule) -> String {
     let mut s = r
         .exprs
         .iter()
@@ -193,7 +193,7 @@ fn set_def(s: &Set) -> String {
 }
 
 /// The `{ … }` part of an element operation.
-pub fn element_body(e: &Element, with_value: bool) -> String {
+pub(crate) fn element_body(e: &Element, with_value: bool) -> String {
     let mut s = format!("{{ {}", e.key_text());
     if with_value {
         if let Some(c) = &e.comment {
@@ -208,7 +208,7 @@ pub fn element_body(e: &Element, with_value: bool) -> String {
 }
 
 /// One operation as an `nft -f` line (no newline).
-pub fn op_line(tx_family: Family, table: &str, op: &Op) -> String {
+pub(crate) fn op_line(tx_family: Family, table: &str, op: &Op) -> String {
     let ft = format!("{} {table}", tx_family.as_str());
     match op {
         Op::AddTable { comment } => match comment {
