@@ -708,7 +708,7 @@ fn apply_keeps_good_services_and_injects_nothing() {
         assert!(err.contains("skipping malformed object"), "{err}");
         match mode {
             "iptables" => {
-                let (ok, live, e) = ns.exec(&["iptables-save"]);
+                let (ok, live, e) = ns.exec_status(&["iptables-save"]);
                 assert!(ok, "{e}");
                 assert!(
                     live.contains(

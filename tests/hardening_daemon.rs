@@ -53,7 +53,7 @@ fn rules(ns: &Netns, mode: &str) -> String {
     if mode == "nftables" {
         ns.nft_list("ip")
     } else {
-        ns.exec(&["iptables-save"]).1
+        ns.exec_status(&["iptables-save"]).1
     }
 }
 
