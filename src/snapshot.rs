@@ -425,14 +425,16 @@ impl Snapshot {
     /// no Services it would remove every Service rule of the node.
     pub fn refuse_for_apply(&self) -> Option<String> {
         let (services, _) = self.state.counts();
-        (services == 0 && self.skipped_services == 0).then(|| {
-            "the snapshot holds no Services; applying it would remove every Service rule (use --allow-empty to do so)".to_string()
-        }).or_else(|| (services == 0).then(|| {
-            format!(
-                "the snapshot holds no valid Services ({} skipped as malformed); applying it would remove every Service rule (use --allow-empty to do so)",
-                self.skipped_services
-            )
-        }))
+        if services > 0 {
+            return None;
+        }
+        let what = match self.skipped_services {
+            0 => "no Services kproxy proxies".to_string(),
+            n => format!("no valid Services ({n} skipped as malformed)"),
+        };
+        Some(format!(
+            "the snapshot holds {what}; applying it would remove every Service rule (use --allow-empty to do so)"
+        ))
     }
 
     /// Decodes, validates and converts one object; a malformed one is logged once
