@@ -90,7 +90,11 @@ impl Table {
                 line: n + 1,
                 what: format!("{what}: {line:?}"),
             };
-            // <verb> <object> <family> <table> <name> ...
+            // <verb> <object> <family> <table> <name> ...; a line too short for that
+            // (found by fuzzing: `add rule ip` panicked) is a parse error.
+            if toks.len() < 5 && !matches!(toks.get(1).map(String::as_str), Some("table")) {
+                return Err(err("incomplete line"));
+            }
             let (verb, object) = (toks[0].as_str(), toks.get(1).map(String::as_str));
             let name = toks.get(4).cloned().unwrap_or_default();
             match (verb, object) {
