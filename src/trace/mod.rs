@@ -5,3 +5,4 @@ pub mod core;
 pub mod iptables;
 pub(crate) mod nft_json;
 pub mod nftables;
+pub mod report;
