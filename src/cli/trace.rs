@@ -116,8 +116,9 @@ fn live_rules(mode: Option<Mode>, family: IpFamily) -> Result<(Mode, Rules), Cli
     let nft = || run_tool("nft", &["-j", "list", "table", fam, "kube-proxy"]);
     if mode != Some(Mode::Iptables) {
         if let Some(json) = nft() {
-            let t = NftTable::parse_for(&json, Some(fam))
-                .map_err(|e| CliError::failed(format!("nft -j list table {fam} kube-proxy: {e}")))?;
+            let t = NftTable::parse_for(&json, Some(fam)).map_err(|e| {
+                CliError::failed(format!("nft -j list table {fam} kube-proxy: {e}"))
+            })?;
             return Ok((Mode::Nftables, Rules::Nftables(t)));
         }
         if mode == Some(Mode::Nftables) {
@@ -204,15 +205,17 @@ fn trace_with(rules: &Rules, pkt: &Packet, local: &[IpAddr]) -> Trace {
 pub fn run(args: &TraceArgs) -> Result<(), CliError> {
     let family = IpFamily::of(&args.dst);
     if IpFamily::of(&args.src) != family {
-        return Err(CliError::usage("--src and --dst are of different IP families"));
+        return Err(CliError::usage(
+            "--src and --dst are of different IP families",
+        ));
     }
-    let mode_flag = match &args.inputs.mode {
-        Some(m) => Some(
-            Mode::parse(m)
-                .ok_or_else(|| CliError::usage(format!("--mode {m:?} is not iptables or nftables")))?,
-        ),
-        None => None,
-    };
+    let mode_flag =
+        match &args.inputs.mode {
+            Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+                CliError::usage(format!("--mode {m:?} is not iptables or nftables"))
+            })?),
+            None => None,
+        };
     let mut local: Vec<IpAddr> = args
         .inputs
         .local_addresses
@@ -239,7 +242,11 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
                 local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
             }
         }
-        (mode, parse_rules(mode, &text, family)?, RulesSource::Ruleset)
+        (
+            mode,
+            parse_rules(mode, &text, family)?,
+            RulesSource::Ruleset,
+        )
     } else {
         let inputs = Inputs::load(&args.inputs)?;
         let settings = inputs
@@ -280,7 +287,11 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
                 text
             }
         };
-        (mode, parse_rules(mode, &text, family)?, RulesSource::Rendered)
+        (
+            mode,
+            parse_rules(mode, &text, family)?,
+            RulesSource::Rendered,
+        )
     };
     let trace = trace_with(&rules, &pkt, &local);
     let report = TraceReport::new(mode.as_str(), source, &pkt, args.sport, &trace);
