@@ -30,6 +30,8 @@ enum Command {
     Cleanup(cli::apply::CleanupArgs),
     /// Explain where a packet goes through the rules (rendered, or a saved dump).
     Trace(cli::trace::TraceArgs),
+    /// Explain a Service (or list every Service port): ways in, endpoints and why.
+    Explain(cli::explain::ExplainArgs),
     /// Print the version.
     Version,
 }
@@ -62,6 +64,7 @@ fn main() {
     let result: Result<(), CliError> = match &args.command {
         Command::Render(a) => cli::render::run(a),
         Command::Trace(a) => cli::trace::run(a),
+        Command::Explain(a) => cli::explain::run(a),
         Command::Apply(a) => cli::apply::run_apply(a),
         Command::Run(a) => kproxy::daemon::run(a).map_err(CliError::failed),
         Command::Cleanup(a) => cli::apply::run_cleanup(a),
