@@ -63,9 +63,11 @@ fn live(addr: SocketAddr) -> Result<Vec<Explanation>, CliError> {
     let (code, body) = http_get(addr, "/debug/state").map_err(CliError::failed)?;
     match code {
         200 => {}
-        404 => return Err(CliError::failed(format!(
+        404 => {
+            return Err(CliError::failed(format!(
             "{addr}/debug/state: not found (is the daemon running with --debug-endpoints=false?)"
-        ))),
+        )))
+        }
         c => return Err(CliError::failed(format!("{addr}/debug/state: HTTP {c}"))),
     }
     #[derive(serde::Deserialize)]
