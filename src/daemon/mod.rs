@@ -3,6 +3,7 @@
 //! through one dataplane per IP family, rate-limited, with retries that force full syncs.
 //! Serves `/healthz` + `/livez`, per-service health-check node ports and `/metrics`.
 
+pub mod debug;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -69,6 +70,9 @@ pub struct RunArgs {
     /// Remove kproxy's rules and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// Serve /debug/ruleset and /debug/state on the metrics address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub debug_endpoints: bool,
 }
 
 /// What the watchers share with the sync loop.
@@ -92,6 +96,8 @@ pub struct Shared {
     /// gauges).
     pending: Mutex<(usize, usize)>,
     families: Vec<IpFamily>,
+    /// What the dataplanes last applied, for /debug/ruleset and /debug/state.
+    pub debug: debug::DebugState,
 }
 
 impl Shared {
@@ -107,6 +113,7 @@ impl Shared {
             health,
             metrics,
             trigger_times: Mutex::new(Vec::new()),
+            debug: debug::DebugState::new(),
         }
     }
 
@@ -290,8 +297,19 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         .set_lb_ip_mode_gate(cfg.feature_gate("LoadBalancerIPMode"));
     let _healthz = health::serve_healthz(cfg.healthz_bind_address, health.clone())
         .map_err(|e| format!("healthz on {}: {e}", cfg.healthz_bind_address))?;
-    let _metrics = metrics::serve(cfg.metrics_bind_address, shared.metrics.clone(), cfg.mode)
-        .map_err(|e| format!("metrics on {}: {e}", cfg.metrics_bind_address))?;
+    let debug_shared = args.debug_endpoints.then(|| Arc::clone(&shared));
+    let _metrics = metrics::serve_with(
+        cfg.metrics_bind_address,
+        shared.metrics.clone(),
+        cfg.mode,
+        Box::new(move |req| {
+            debug_shared
+                .as_ref()?
+                .debug
+                .handle(debug_shared.as_ref()?, req)
+        }),
+    )
+    .map_err(|e| format!("metrics on {}: {e}", cfg.metrics_bind_address))?;
     watch::spawn_all(&rt, client, Arc::clone(&shared), node_name.clone());
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -373,6 +391,11 @@ fn build_planes(
     shared: &Arc<Shared>,
 ) -> sync::Planes {
     let node_info = state.node().cloned();
+    shared.debug.set_node(crate::model::NodeContext {
+        name: node_name.to_string(),
+        zone: node_info.as_ref().and_then(|n| n.zone.clone()),
+        prefer_same_node: cfg.feature_gate("PreferSameTrafficDistribution"),
+    });
     let backend = (cfg.mode == Mode::Iptables).then(|| detect_backend(&RealExec));
     let mut dataplanes: Vec<Box<dyn Dataplane>> = Vec::new();
     let mut hc_bind = IpAddr::from([0, 0, 0, 0]);
@@ -399,15 +422,15 @@ fn build_planes(
                     "iptables backend"
                 );
                 Box::new(IptablesDataplane::new(
-                    s,
+                    s.clone(),
                     Box::new(RealExec),
                     Binaries::new(*f, backend),
                     cfg.sync_period,
                 ))
             }
-            _ => Box::new(NftDataplane::new(s)),
+            _ => Box::new(NftDataplane::new(s.clone())),
         };
-        dataplanes.push(dp);
+        dataplanes.push(shared.debug.wrap(dp, s));
     }
     sync::Planes {
         dataplanes,
