@@ -190,7 +190,14 @@ impl Trace {
         }
         if !self.endpoints.is_empty() {
             return Outcome::Delivered {
-                endpoints: self.endpoints.clone(),
+                endpoints: self
+                    .endpoints
+                    .iter()
+                    .map(|d| Delivery {
+                        destination: d.destination.clone(),
+                        probability: round6(d.probability),
+                    })
+                    .collect(),
                 masquerade: self.masquerade,
                 masquerade_by: self.masquerade_by.clone(),
             };
@@ -236,6 +243,12 @@ pub fn split_destination(dest: &str) -> Option<(IpAddr, Option<u16>)> {
         },
     };
     Some((ip, port))
+}
+
+/// Probabilities to six decimals: iptables-save prints the kernel's 32-bit fraction
+/// (0.33333333349) where the renderer wrote 0.3333333333; both are 33.3333%.
+pub fn round6(p: f64) -> f64 {
+    (p * 1e6).round() / 1e6
 }
 
 /// Formats a probability as a percentage with one decimal.
@@ -350,7 +363,7 @@ impl Walk {
             rule,
             verdict,
             kind,
-            probability: self.weight,
+            probability: round6(self.weight),
             depth: self.stack.len().saturating_sub(1),
         });
     }
