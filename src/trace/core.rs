@@ -257,14 +257,21 @@ pub fn percent(p: f64) -> String {
 }
 
 /// "3 endpoints, 33.3% each" or "2 branches: 25.0%, 75.0%".
-pub fn describe_choice(probabilities: &[f64]) -> String {
+pub fn describe_choice(probabilities: &[f64], noun: &str) -> String {
     let n = probabilities.len();
     let first = probabilities.first().copied().unwrap_or(0.0);
-    if probabilities.iter().all(|p| (p - first).abs() < 1e-6) {
-        format!("{n} branches, {} each", percent(first))
+    let noun = if n == 1 {
+        noun.strip_suffix('s').unwrap_or(noun)
+    } else {
+        noun
+    };
+    if n == 1 {
+        format!("1 {noun}, {}", percent(first))
+    } else if probabilities.iter().all(|p| (p - first).abs() < 1e-6) {
+        format!("{n} {noun}, {} each", percent(first))
     } else {
         format!(
-            "{n} branches: {}",
+            "{n} {noun}: {}",
             probabilities
                 .iter()
                 .map(|p| percent(*p))
@@ -390,12 +397,12 @@ impl Walk {
 
     /// Records a random choice between branches with these probabilities (relative
     /// to reaching the rule).
-    pub(crate) fn choice(&mut self, chain: &str, rule: &str, probabilities: &[f64]) {
+    pub(crate) fn choice(&mut self, chain: &str, rule: &str, probabilities: &[f64], noun: &str) {
         let abs: Vec<f64> = probabilities.iter().map(|p| p * self.weight).collect();
         self.push(
             chain.to_string(),
             rule.to_string(),
-            format!("random choice: {}", describe_choice(&abs)),
+            format!("random choice: {}", describe_choice(&abs, noun)),
             StepKind::Choice,
         );
     }

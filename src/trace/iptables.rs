@@ -677,9 +677,14 @@ impl Tracer<'_> {
                 Some(prob) => {
                     if !in_choice {
                         in_choice = true;
-                        let branches = self.choice_branches(&rules[idx..], p);
+                        let (branches, all_endpoints) = self.choice_branches(&rules[idx..], p);
+                        let noun = if all_endpoints {
+                            "endpoints"
+                        } else {
+                            "branches"
+                        };
                         let saved = self.walk.scale(remaining);
-                        self.walk.choice(chain, &r.text, &branches);
+                        self.walk.choice(chain, &r.text, &branches, noun);
                         self.walk.restore(saved);
                     }
                     remaining * prob
@@ -705,13 +710,16 @@ impl Tracer<'_> {
 
     /// The within-chain probabilities of a run of `statistic` rules and of the rule
     /// that catches the rest.
-    fn choice_branches(&self, rules: &[Rule], p: &Packet) -> Vec<f64> {
+    /// Also says whether every branch jumps to an endpoint (KUBE-SEP-) chain.
+    fn choice_branches(&self, rules: &[Rule], p: &Packet) -> (Vec<f64>, bool) {
         let mut out = Vec::new();
         let mut remaining = 1.0;
+        let mut endpoints = true;
         for r in rules {
             if r.target.is_none() || r.unknown.is_some() || !self.matches(r, p) {
                 continue;
             }
+            endpoints &= matches!(&r.target, Some(Target::Chain { name, .. }) if name.starts_with("KUBE-SEP-"));
             match r.probability {
                 Some(prob) => {
                     out.push(remaining * prob);
@@ -723,7 +731,7 @@ impl Tracer<'_> {
                 }
             }
         }
-        out
+        (out, endpoints)
     }
 
     fn take(&mut self, table: &str, chain: &str, r: &Rule, target: &Target, p: &Packet) -> Flow {

@@ -1075,7 +1075,16 @@ impl Tracer<'_> {
                 &format!("numgen mod {n} with {} branches", branches.len()),
             );
         }
-        self.walk.choice(chain, &r.text, &vec![1.0 / n as f64; n]);
+        let to_endpoints = branches
+            .iter()
+            .all(|(_, v)| v.get(1).is_some_and(|c| c.starts_with("endpoint-")));
+        let noun = if to_endpoints {
+            "endpoints"
+        } else {
+            "branches"
+        };
+        self.walk
+            .choice(chain, &r.text, &vec![1.0 / n as f64; n], noun);
         // Every endpoint a random pick could reach is explored.
         let mut all_stop = true;
         for (_, b) in &branches {
