@@ -341,7 +341,7 @@ fn port_view(inp: &ExplainInputs<'_>, p: &PortPlan) -> PortView {
                     "serving and terminating (fallback: nothing ready)".to_string()
                 });
             } else if svc.uses_cluster_endpoints() {
-                why.push(if !e.ready && !(e.serving && e.terminating) {
+                why.push(if !(e.ready || e.serving && e.terminating) {
                     "excluded: not ready".to_string()
                 } else if !e.ready {
                     "excluded: terminating while ready endpoints exist".to_string()

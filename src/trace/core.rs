@@ -502,8 +502,15 @@ mod tests {
 
     #[test]
     fn choices() {
-        assert_eq!(describe_choice(&[1.0 / 3.0; 3]), "3 branches, 33.3% each");
-        assert_eq!(describe_choice(&[0.25, 0.75]), "2 branches: 25.0%, 75.0%");
+        assert_eq!(
+            describe_choice(&[1.0 / 3.0; 3], "endpoints"),
+            "3 endpoints, 33.3% each"
+        );
+        assert_eq!(
+            describe_choice(&[0.25, 0.75], "branches"),
+            "2 branches: 25.0%, 75.0%"
+        );
+        assert_eq!(describe_choice(&[1.0], "endpoints"), "1 endpoint, 100.0%");
     }
 
     #[test]
