@@ -58,6 +58,9 @@ pub enum StepKind {
     Choice,
     /// A rule the tracer cannot decide (ipset, unknown statement, loop): not taken.
     Unknown,
+    /// A rule that does not match this packet but matters for others (session
+    /// affinity: a returning client).
+    Note,
 }
 
 /// One rule a packet matched (or could not be decided).
@@ -393,6 +396,11 @@ impl Walk {
             format!("unknown, not taken: {why}"),
             StepKind::Unknown,
         );
+    }
+
+    /// Records a rule that is not taken by this packet but explains others.
+    pub(crate) fn note(&mut self, chain: &str, rule: &str, what: String) {
+        self.push(chain.to_string(), rule.to_string(), what, StepKind::Note);
     }
 
     /// Records a random choice between branches with these probabilities (relative

@@ -32,6 +32,8 @@ pub struct Rule {
     probability: Option<f64>,
     /// Why this rule cannot be decided (it is then never taken).
     unknown: Option<String>,
+    /// `recent --rcheck` (session affinity), with its `--seconds`.
+    affinity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,7 +208,6 @@ const IGNORED_WITH_ARG: &[&str] = &[
     "--mode",
     "--name",
     "--mask",
-    "--seconds",
     "--hitcount",
     "--log-prefix",
     "--log-level",
@@ -255,6 +256,7 @@ impl Rule {
             target: None,
             probability: None,
             unknown: None,
+            affinity: None,
         };
         let mut negate = false;
         let mut i = 2; // skip "-A CHAIN"
@@ -346,7 +348,13 @@ impl Rule {
                 // A new client has no affinity history.
                 "--rcheck" | "--update" => {
                     rule.matches.push(Match::Never);
+                    rule.affinity.get_or_insert_with(String::new);
                     consumed = 1;
+                }
+                "--seconds" => {
+                    let a = need()?;
+                    a.parse::<u32>().map_err(|_| bad(a))?;
+                    rule.affinity = Some(a.to_string());
                 }
                 "--remove" => consumed = 1,
                 "--icmp-type" | "--icmpv6-type" => {
@@ -619,6 +627,12 @@ fn addr_type_matches(types: &[AddrType], ip: &IpAddr, local: &[IpAddr]) -> bool 
 
 impl Tracer<'_> {
     fn matches(&self, r: &Rule, p: &Packet) -> bool {
+        self.matches_but(r, p, false)
+    }
+
+    /// Whether every match holds; `ignore_never` leaves out those a new packet never
+    /// satisfies (to tell whether an affinity rule concerns this packet's flow).
+    fn matches_but(&self, r: &Rule, p: &Packet, ignore_never: bool) -> bool {
         r.matches.iter().all(|m| match m {
             Match::Src(neg, n) => n.contains(&p.src) != *neg,
             Match::Dst(neg, n) => n.contains(&p.dst) != *neg,
@@ -637,7 +651,7 @@ impl Tracer<'_> {
                 any != *neg
             }
             Match::Mark(neg, v, m) => (self.mark & m == *v) != *neg,
-            Match::Never => false,
+            Match::Never => ignore_never,
         })
     }
 
@@ -664,6 +678,20 @@ impl Tracer<'_> {
                 return Flow::Stop;
             }
             if !self.matches(r, p) {
+                if let (Some(secs), Some(Target::Chain { name, .. })) = (&r.affinity, &r.target) {
+                    if r.unknown.is_none() && self.matches_but(r, p, true) {
+                        let within = if secs.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" within {secs}s")
+                        };
+                        self.walk.note(
+                            chain,
+                            &r.text,
+                            format!("session affinity: a client seen{within} returns to {name}; not taken by a new client"),
+                        );
+                    }
+                }
                 continue;
             }
             if let Some(why) = &r.unknown {

@@ -945,7 +945,16 @@ impl Tracer<'_> {
                             }
                         }
                         _ => {
+                            let set = toks.get(i).cloned().unwrap_or_default();
                             if !self.compare(toks, &mut i, &key) {
+                                if let Some(aff) = set.strip_prefix("@affinity-") {
+                                    let target = toks[i..].join(" ");
+                                    self.walk.note(
+                                        chain,
+                                        &r.text,
+                                        format!("session affinity (@affinity-{aff}): a client seen recently takes `{target}`; not taken by a new client"),
+                                    );
+                                }
                                 return Flow::Continue;
                             }
                         }

@@ -100,6 +100,7 @@ impl<'a> TraceReport<'a> {
             let marker = match s.kind {
                 StepKind::Unknown => "? ",
                 StepKind::Choice => "* ",
+                StepKind::Note => "- ",
                 StepKind::Rule => "",
             };
             out.push_str(&format!(
