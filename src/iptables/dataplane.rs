@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::config::{FamilySettings, Mode};
-use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
+use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome, TableRules};
 use crate::model::{IpFamily, ProxyState};
 
 use super::apply::{ApplyError, Binaries, Exec, Iptables};
@@ -42,6 +42,8 @@ pub struct IptablesDataplane {
     bins: Binaries,
     sync_period: Duration,
     last_stale_cleanup: Option<Instant>,
+    /// No sync has succeeded yet (the first one may take over a predecessor's rules).
+    first: bool,
 }
 
 impl IptablesDataplane {
@@ -58,6 +60,7 @@ impl IptablesDataplane {
             bins,
             sync_period,
             last_stale_cleanup: None,
+            first: true,
         }
     }
 
@@ -89,6 +92,20 @@ impl IptablesDataplane {
             } else {
                 None
             };
+            if let (true, Some(chains)) = (self.first, &existing) {
+                let service_chains = chains
+                    .iter()
+                    .filter(|c| super::names::is_service_chain(c))
+                    .count();
+                if service_chains > 0 {
+                    // A restart (or a crash) left rules behind: the first sync rewrites
+                    // them and deletes what is stale.
+                    tracing::info!(
+                        service_chains,
+                        "took over the existing iptables rules left by a previous run"
+                    );
+                }
+            }
             let due = self
                 .last_stale_cleanup
                 .is_none_or(|t| t.elapsed() > self.sync_period);
@@ -126,6 +143,7 @@ impl IptablesDataplane {
                     payload_bytes: rendered.payload.len(),
                 };
                 self.renderer.commit(rendered);
+                self.first = false;
                 Ok(report)
             }
             Err(e) => {
@@ -137,14 +155,8 @@ impl IptablesDataplane {
 }
 
 impl IptablesDataplane {
-    fn error(&self, partial: bool, e: &ApplyError) -> DataplaneError {
-        DataplaneError {
-            mode: Mode::Iptables.as_str(),
-            family: self.renderer.settings().family.label(),
-            what: if partial { "partial sync" } else { "full sync" },
-            partial,
-            message: e.to_string(),
-        }
+    fn error(&self, partial: bool, e: ApplyError) -> DataplaneError {
+        DataplaneError::sync_failed(Mode::Iptables, self.renderer.settings().family, partial, e)
     }
 }
 
@@ -164,12 +176,20 @@ impl Dataplane for IptablesDataplane {
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError> {
         let partial = !(full || self.renderer.needs_full_sync());
         let report =
-            IptablesDataplane::sync(self, state, full).map_err(|e| self.error(partial, &e))?;
+            IptablesDataplane::sync(self, state, full).map_err(|e| self.error(partial, e))?;
         Ok(SyncOutcome {
             full: report.full,
             iptables_rules: vec![
-                ("filter", report.filter_rules, report.filter_rules),
-                ("nat", report.nat_rules_total, report.nat_rules),
+                TableRules {
+                    table: "filter",
+                    total: report.filter_rules,
+                    written: report.filter_rules,
+                },
+                TableRules {
+                    table: "nat",
+                    total: report.nat_rules_total,
+                    written: report.nat_rules,
+                },
             ],
             operations: report.filter_rules + report.nat_rules + report.deleted_chains,
             services_written: report.services_written,
@@ -186,9 +206,8 @@ impl Dataplane for IptablesDataplane {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let result = self.iptables().cleanup();
         self.renderer.invalidate();
-        result.map_err(|e| DataplaneError {
-            what: "cleanup",
-            ..self.error(false, &e)
+        result.map_err(|e| {
+            DataplaneError::cleanup_failed(Mode::Iptables, self.renderer.settings().family, e)
         })
     }
 }
