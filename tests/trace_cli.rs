@@ -419,6 +419,12 @@ fn malformed_rulesets_are_errors_or_explicit_unknowns() {
             "nft JSON",
         ),
         (
+            "json-as-iptables",
+            format!("{{\"nftables\": [{}]}}", "{\"x\": 1},".repeat(4000)),
+            "iptables",
+            "outside a table",
+        ),
+        (
             "open-quote.ipt",
             IPT.replace(
                 "-A PREROUTING -j KUBE-SERVICES",

@@ -177,18 +177,8 @@ fn live_local_ips() -> Vec<IpAddr> {
         .collect()
 }
 
-/// Traces one packet through already-read rules, as the CLI does (iptables'
-/// `addrtype LOCAL` includes loopback).
-pub fn trace_rules_text(
-    mode: Mode,
-    text: &str,
-    pkt: &Packet,
-    local: &[IpAddr],
-) -> Result<Trace, CliError> {
-    let rules = parse_rules(mode, text, IpFamily::of(&pkt.dst))?;
-    Ok(trace_with(&rules, pkt, local))
-}
-
+/// Traces one packet through already-read rules (iptables' `addrtype LOCAL` includes
+/// loopback).
 fn trace_with(rules: &Rules, pkt: &Packet, local: &[IpAddr]) -> Trace {
     match rules {
         Rules::Nftables(t) => t.trace(pkt, local),

@@ -248,6 +248,16 @@ pub fn split_destination(dest: &str) -> Option<(IpAddr, Option<u16>)> {
     Some((ip, port))
 }
 
+/// A line for an error message: at most 120 characters (a one-line 40 KB JSON
+/// document must not be repeated back).
+pub(crate) fn excerpt(line: &str) -> String {
+    if line.chars().count() <= 120 {
+        return format!("{line:?}");
+    }
+    let cut: String = line.chars().take(120).collect();
+    format!("{cut:?}…")
+}
+
 /// Probabilities to six decimals: iptables-save prints the kernel's 32-bit fraction
 /// (0.33333333349) where the renderer wrote 0.3333333333; both are 33.3333%.
 pub fn round6(p: f64) -> f64 {

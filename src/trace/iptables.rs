@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::core::{destination_ip, split_destination, Walk};
+use super::core::{destination_ip, excerpt, split_destination, Walk};
 pub use super::core::{Packet, Step, Trace, TraceError};
 use crate::model::ip::{parse_cidr_sloppy, parse_ip_sloppy};
 
@@ -464,7 +464,7 @@ impl Ruleset {
                 continue;
             }
             let Some(t) = table.as_ref() else {
-                return Err(err(format!("{line:?} outside a table")));
+                return Err(err(format!("{} outside a table", excerpt(line))));
             };
             let chains = rs.tables.entry(t.clone()).or_default();
             if let Some(decl) = line.strip_prefix(':') {
@@ -475,7 +475,8 @@ impl Ruleset {
                 chains.entry(name.to_string()).or_default();
             } else if let Some(rest) = line.strip_prefix("-A ") {
                 let chain = rest.split_whitespace().next().unwrap_or_default();
-                let rule = Rule::parse(line).map_err(|e| err(format!("{e} in {line:?}")))?;
+                let rule =
+                    Rule::parse(line).map_err(|e| err(format!("{e} in {}", excerpt(line))))?;
                 chains.entry(chain.to_string()).or_default().push(rule);
             } else if let Some(chain) = line.strip_prefix("-X ") {
                 chains.remove(chain.trim());
@@ -484,7 +485,7 @@ impl Ruleset {
                     c.clear();
                 }
             } else {
-                return Err(err(format!("unexpected line {line:?}")));
+                return Err(err(format!("unexpected line {}", excerpt(line))));
             }
         }
         Ok(rs)

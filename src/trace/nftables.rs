@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::core::{destination_ip, Walk};
+use super::core::{destination_ip, excerpt, Walk};
 pub use super::core::{Packet, Step, Trace, TraceError};
 use crate::model::ip::{parse_cidr_sloppy, parse_ip_sloppy};
 
@@ -364,7 +364,7 @@ fn parse_add_lines(text: &str) -> Result<Table, TraceError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let err = |what: &str| TraceError::parse(n + 1, format!("{what}: {line:?}"));
+        let err = |what: &str| TraceError::parse(n + 1, format!("{what}: {}", excerpt(line)));
         let toks = tokenize(line).map_err(|e| err(&e))?;
         // <verb> <object> <family> <table> <name> ...
         let verb = toks[0].as_str();
@@ -451,7 +451,7 @@ fn parse_blocks(text: &str) -> Result<Vec<Table>, TraceError> {
         if line.is_empty() {
             continue;
         }
-        let err = |what: &str| TraceError::parse(n + 1, format!("{what}: {:?}", raw.trim()));
+        let err = |what: &str| TraceError::parse(n + 1, format!("{what}: {}", excerpt(raw.trim())));
         let toks = tokenize(&line).map_err(|e| err(&e))?;
         if let Some((set, mut acc, depth)) = pending.take() {
             let d = depth as isize + brace_delta(&toks);
