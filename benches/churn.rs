@@ -230,6 +230,8 @@ struct Sample {
 /// A change made at the API server, for the verifier.
 struct Change {
     at: Instant,
+    service: usize,
+    generation: usize,
     target: (Family, &'static str, String),
 }
 
@@ -348,15 +350,17 @@ fn case(s: &Settings, mode: &str) -> Outcome {
     let verified = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let missed = Arc::new(AtomicUsize::new(0));
+    let superseded = Arc::new(AtomicUsize::new(0));
 
     // The verifier: a thread in the namespace, checking each change in order.
     let (tx, rx) = mpsc::channel::<Change>();
     let verifier = if polled {
         let path = format!("/var/run/netns/{}", ns.name);
-        let (verified, latencies, missed) = (
+        let (verified, latencies, missed, superseded) = (
             Arc::clone(&verified),
             Arc::clone(&latencies),
             Arc::clone(&missed),
+            Arc::clone(&superseded),
         );
         Some(std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
@@ -367,21 +371,55 @@ fn case(s: &Settings, mode: &str) -> Outcome {
             let mut nl = kproxy::nftables::netlink::Netlink::open().expect("netlink");
             // A change not seen after this long counts as missed.
             let limit = Duration::from_secs(60);
-            for ch in rx {
-                let (family, table, chain) = &ch.target;
+            // Every outstanding change is checked each round, so one slow change does
+            // not delay the measurement of the others.
+            let mut outstanding: Vec<Change> = Vec::new();
+            let mut seen_generation: std::collections::HashMap<usize, usize> =
+                std::collections::HashMap::new();
+            let mut open = true;
+            while open || !outstanding.is_empty() {
                 loop {
+                    match rx.try_recv() {
+                        Ok(ch) => outstanding.push(ch),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                outstanding.retain(|ch| {
+                    let (family, table, chain) = &ch.target;
                     if nl.chain_exists(*family, table, chain).unwrap_or(false) {
                         latencies.lock().unwrap().push(ch.at.elapsed());
                         verified.fetch_add(1, Ordering::SeqCst);
-                        break;
+                        let g = seen_generation.entry(ch.service).or_default();
+                        *g = (*g).max(ch.generation);
+                        return false;
+                    }
+                    true
+                });
+                outstanding.retain(|ch| {
+                    // A later change of the same Service reached the kernel first: this
+                    // one was folded into it (a sync took longer than a round of
+                    // changes), and the kernel never needed its intermediate state.
+                    if seen_generation
+                        .get(&ch.service)
+                        .is_some_and(|g| *g > ch.generation)
+                    {
+                        latencies.lock().unwrap().push(ch.at.elapsed());
+                        superseded.fetch_add(1, Ordering::SeqCst);
+                        verified.fetch_add(1, Ordering::SeqCst);
+                        return false;
                     }
                     if ch.at.elapsed() > limit {
                         missed.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("churn: chain {chain} never appeared");
-                        break;
+                        eprintln!("churn: chain {} never appeared", ch.target.2);
+                        return false;
                     }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                    true
+                });
+                std::thread::sleep(Duration::from_millis(5));
             }
         }))
     } else {
@@ -446,6 +484,8 @@ fn case(s: &Settings, mode: &str) -> Outcome {
         if polled {
             let _ = tx.send(Change {
                 at,
+                service: i,
+                generation: generation[i],
                 target: chain_of(mode, i, generation[i]),
             });
         }
@@ -483,6 +523,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort();
     let missed = missed.load(Ordering::SeqCst);
+    let superseded = superseded.load(Ordering::SeqCst);
     let syncs = end.syncs - base.syncs;
     let failures = end.failures - base.failures;
     let programmed = end.programmed - base.programmed;
@@ -545,7 +586,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
         mib(rss_last),
         mib(hwm),
         if polled {
-            format!("{verified_n} / {made} ({missed} missed)")
+            format!("{verified_n} / {made} ({missed} missed, {superseded} superseded)")
         } else {
             format!("– (daemon metric only: {programmed:.0} / {made})")
         },

@@ -6,6 +6,7 @@
 
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/vectors.rs"]
 mod vectors;
 
 use std::fs;
@@ -43,7 +44,7 @@ fn live_result(ns: &Netns, mode: &str, pkt: &Packet, local: &[IpAddr]) -> Value 
         args.push("--local-address");
         args.push(l);
     }
-    let (ok, out, err) = ns.exec(&args);
+    let (ok, out, err) = ns.exec_status(&args);
     assert!(ok, "kproxy trace --live: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     v["result"].clone()
@@ -153,11 +154,12 @@ fn nft_flows_over_kernel_read_back() {
             let tx = NftRenderer::new(settings.clone())
                 .render(&ps, &RenderOptions::default())
                 .main;
-            let _ = ns.exec(&["nft", "delete", "table", fam, "kube-proxy"]);
+            let _ = ns.exec_status(&["nft", "delete", "table", fam, "kube-proxy"]);
             ns.run(move || Netlink::open().unwrap().apply(&tx).unwrap());
-            let (ok, listing, err) = ns.exec(&["nft", "list", "table", fam, "kube-proxy"]);
+            let (ok, listing, err) = ns.exec_status(&["nft", "list", "table", fam, "kube-proxy"]);
             assert!(ok, "{err}");
-            let (ok, json, err) = ns.exec(&["nft", "-j", "list", "table", fam, "kube-proxy"]);
+            let (ok, json, err) =
+                ns.exec_status(&["nft", "-j", "list", "table", fam, "kube-proxy"]);
             assert!(ok, "{err}");
             let from_listing = Table::parse(&listing).unwrap_or_else(|e| panic!("{name}: {e}"));
             let from_json = Table::parse(&json).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -280,7 +282,7 @@ fn iptables_flows_over_kernel_read_back() {
             failures.push(format!("{name}: restore failed: {err}"));
             continue;
         }
-        let (ok, saved, err) = ns.exec(&[save]);
+        let (ok, saved, err) = ns.exec_status(&[save]);
         assert!(ok, "{err}");
         let rs = Ruleset::parse(&saved).unwrap_or_else(|e| panic!("{name}: {e}"));
         for flow in phase

@@ -7,6 +7,7 @@ pub mod debug;
 pub mod health;
 pub mod http;
 pub mod metrics;
+mod raw;
 pub mod sync;
 pub mod watch;
 
