@@ -36,12 +36,16 @@ enum Command {
     Cleanup(cli::apply::CleanupArgs),
     /// Explain where a packet goes through the rules (rendered, or a saved dump).
     Trace(cli::trace::TraceArgs),
+    /// Explain a Service (or list every Service port): ways in, endpoints and why.
+    Explain(cli::explain::ExplainArgs),
     /// Print the version.
     Version,
 }
 
 /// Subcommands clap parses; anything else is the daemon's command line.
-const SUBCOMMANDS: &[&str] = &["render", "apply", "cleanup", "trace", "version", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "render", "apply", "cleanup", "trace", "explain", "version", "help",
+];
 
 fn exit_with(result: Result<(), CliError>) -> ! {
     match result {
@@ -75,6 +79,7 @@ fn main() {
     exit_with(match &args.command {
         Command::Render(a) => cli::render::run(a),
         Command::Trace(a) => cli::trace::run(a),
+        Command::Explain(a) => cli::explain::run(a),
         Command::Apply(a) => cli::apply::run_apply(a),
         Command::Cleanup(a) => cli::apply::run_cleanup(a),
         Command::Version => {

@@ -79,6 +79,84 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// What `kproxy trace --live` says, inside the node, about a packet like the one the
+/// case sends: (result kind, the endpoints as pod names, masquerade).
+fn traced(
+    bed: &Bed,
+    mode: Mode,
+    from: From<'_>,
+    proto: Proto,
+    dst: std::net::SocketAddr,
+    pods: &[&str],
+) -> (String, BTreeSet<String>, bool) {
+    let v6 = dst.is_ipv6();
+    let (src, from_node) = match from {
+        From::Pod(p) => (bed.pod_ip(p, v6), ""),
+        From::PodAddr(_, ip) | From::ClientAddr(ip) => (ip, ""),
+        From::Node => (bed.node_ip(v6), "--from-node"),
+        From::Client => (bed.client_ips().0, ""),
+    };
+    let proto = match proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    };
+    let out = bed
+        .node_sh(&format!(
+            "{} trace --live --mode {} --src {src} --dst {} --dport {} --proto {proto} {from_node} -o json",
+            env!("CARGO_BIN_EXE_kproxy"),
+            mode.as_str(),
+            dst.ip(),
+            dst.port()
+        ))
+        .unwrap_or_else(|e| panic!("kproxy trace --live: {e}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("trace JSON: {e}: {out}"));
+    let r = &v["result"];
+    let eps = r["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let d = e["destination"].as_str().unwrap_or_default();
+            let ip: IpAddr = d
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(|c| c == '[' || c == ']'))
+                .unwrap_or(d)
+                .parse()
+                .unwrap_or_else(|_| panic!("traced destination {d}"));
+            pods.iter()
+                .find(|p| bed.pod_ip(p, ip.is_ipv6()) == ip)
+                .map_or_else(|| d.to_string(), |p| p.to_string())
+        })
+        .collect();
+    (
+        r["kind"].as_str().unwrap_or_default().to_string(),
+        eps,
+        r["masquerade"].as_bool().unwrap_or(false),
+    )
+}
+
+/// The tracer agrees with real packets: the endpoints it says a connection can reach
+/// are those that answered, and it masquerades exactly when the pod saw the node.
+#[allow(clippy::too_many_arguments)]
+fn assert_traced(
+    bed: &Bed,
+    mode: Mode,
+    from: From<'_>,
+    proto: Proto,
+    dst: std::net::SocketAddr,
+    pods: &[&str],
+    served: &BTreeSet<String>,
+    masqueraded: bool,
+) {
+    let (kind, eps, masq) = traced(bed, mode, from, proto, dst, pods);
+    assert_eq!(
+        (kind.as_str(), &eps, masq),
+        ("delivered", served, masqueraded),
+        "trace --live of {proto:?} {from:?} -> {dst} disagrees with the packets"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Harness self-check: hand-written rules, no kproxy. If this fails, the test bed (veths,
 // routes, forwarding, rp_filter, conntrack) is broken and the kproxy cases mean nothing.
@@ -199,6 +277,19 @@ fn clusterip(mode: Mode, v6: bool) {
     for proto in [Proto::Tcp, Proto::Udp] {
         let got = bed.expect_reply(From::Pod("pod-b"), proto, addr(solo, PORT));
         assert_eq!(got.server, "pod-a", "{proto:?} pod-b -> ClusterIP {solo}");
+        let pods = ["pod-a", "pod-b", "pod-r"];
+        let masq = bed.is_node_addr(got.peer.ip());
+        let one = names(&["pod-a"]);
+        assert_traced(
+            &bed,
+            mode,
+            From::Pod("pod-b"),
+            proto,
+            addr(solo, PORT),
+            &pods,
+            &one,
+            masq,
+        );
         assert_eq!(
             got.peer.ip(),
             b,
@@ -212,6 +303,17 @@ fn clusterip(mode: Mode, v6: bool) {
         assert_eq!(
             got.server, "pod-a",
             "{proto:?} hairpin: pod-a -> its own service"
+        );
+        let masq = bed.is_node_addr(got.peer.ip());
+        assert_traced(
+            &bed,
+            mode,
+            From::Pod("pod-a"),
+            proto,
+            addr(solo, PORT),
+            &pods,
+            &one,
+            masq,
         );
         assert!(
             bed.is_node_addr(got.peer.ip()),
@@ -234,6 +336,18 @@ fn clusterip(mode: Mode, v6: bool) {
         assert_eq!(
             got.server, "pod-r",
             "{proto:?} node -> ClusterIP {remote} (endpoint on node-2)"
+        );
+        let masq = bed.is_node_addr(got.peer.ip());
+        let r = names(&["pod-r"]);
+        assert_traced(
+            &bed,
+            mode,
+            From::Node,
+            proto,
+            addr(remote, PORT),
+            &pods,
+            &r,
+            masq,
         );
     }
 }
@@ -290,6 +404,21 @@ fn load_spread(mode: Mode) {
     assert_eq!(
         answered, 300,
         "every connection must be answered by an endpoint: {t:?}"
+    );
+    let masq = outcomes
+        .iter()
+        .filter_map(|o| o.reply())
+        .any(|r| bed.is_node_addr(r.peer.ip()));
+    let pods = ["pod-a", "pod-b", "pod-r"];
+    assert_traced(
+        &bed,
+        mode,
+        From::Pod("pod-c"),
+        Proto::Tcp,
+        addr(vip, PORT),
+        &pods,
+        &servers(&outcomes),
+        masq,
     );
 }
 
@@ -387,6 +516,20 @@ fn nodeport(mode: Mode) {
     assert!(
         ["pod-a", "pod-r"].contains(&got.server.as_str()),
         "UDP NodePort: {got:?}"
+    );
+    let masq = outcomes
+        .iter()
+        .filter_map(|o| o.reply())
+        .all(|r| bed.is_node_addr(r.peer.ip()));
+    assert_traced(
+        &bed,
+        mode,
+        From::Client,
+        Proto::Tcp,
+        dst,
+        &["pod-a", "pod-r"],
+        &servers(&outcomes),
+        masq,
     );
 
     let localhost = addr(IpAddr::V4(Ipv4Addr::LOCALHOST), np);
@@ -503,6 +646,28 @@ fn external_local(mode: Mode) {
             (got.server.as_str(), got.peer.ip()),
             ("pod-a", client),
             "UDP client -> {dst}"
+        );
+        let masq = outcomes
+            .iter()
+            .filter_map(|o| o.reply())
+            .any(|r| r.peer.ip() != client);
+        assert_traced(
+            &bed,
+            mode,
+            From::Client,
+            Proto::Tcp,
+            dst,
+            &["pod-a", "pod-r"],
+            &servers(&outcomes),
+            masq,
+        );
+    }
+    for dst in [addr(bed.node_ip(false), np_away), addr(lb_away, PORT)] {
+        let (kind, eps, _) = traced(&bed, mode, From::Client, Proto::Tcp, dst, &["pod-r"]);
+        assert_eq!(
+            (kind.as_str(), eps.len()),
+            ("dropped", 0),
+            "trace --live {dst}"
         );
     }
     bed.expect_dropped(From::Client, Proto::Tcp, addr(bed.node_ip(false), np_away));

@@ -62,5 +62,7 @@ pub fn main(args: &[String]) -> Result<(), CliError> {
         tracing::info!("initialization done (--init-only)");
         return Ok(());
     }
-    crate::daemon::run(&cfg, cl.master.as_deref()).map_err(|e| CliError::failed(e.to_string()))
+    let debug_endpoints = cl.debug_endpoints.unwrap_or(true);
+    crate::daemon::run(&cfg, cl.master.as_deref(), debug_endpoints)
+        .map_err(|e| CliError::failed(e.to_string()))
 }

@@ -16,9 +16,10 @@ use crate::snapshot;
 #[derive(Debug, Clone, Args)]
 pub struct InputArgs {
     /// Cluster snapshot: `kubectl get services,endpointslices,nodes,servicecidrs -A -o yaml`
-    /// output, multi-document YAML or JSON; `-` reads standard input.
+    /// output, multi-document YAML or JSON; `-` reads standard input. Required unless
+    /// the command has another source (`trace --ruleset`/`--live`, `explain --live`).
     #[arg(long, value_name = "FILE")]
-    pub snapshot: PathBuf,
+    pub snapshot: Option<PathBuf>,
     /// Proxy mode (overrides the config file).
     #[arg(long, value_name = "iptables|nftables")]
     pub mode: Option<String>,
@@ -118,8 +119,11 @@ impl Inputs {
             return Err(CliError::usage(problems.join("; ")));
         }
 
-        let mut snap =
-            snapshot::load_path(&args.snapshot).map_err(|e| CliError::usage(e.to_string()))?;
+        let path = args
+            .snapshot
+            .as_ref()
+            .ok_or_else(|| CliError::usage("--snapshot FILE is required"))?;
+        let mut snap = snapshot::load_path(path).map_err(|e| CliError::usage(e.to_string()))?;
         // The merge put --hostname-override over the file's, lower-cased.
         let wanted = config.hostname_override.clone();
         let node_name = match snap

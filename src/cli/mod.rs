@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod daemon;
+pub mod explain;
 pub mod inputs;
 pub mod logging;
 pub mod render;

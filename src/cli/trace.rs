@@ -1,9 +1,12 @@
-//! `kproxy trace`: explain where a new connection goes through the rules kproxy would
-//! write (or through a saved `iptables-save` dump): every rule it hits, the endpoints it
-//! can be DNATed to, whether it is masqueraded, and whether it is dropped or rejected.
+//! `kproxy trace`: where a new connection goes through the rules kproxy would write
+//! (rendered from a snapshot), a saved ruleset (`iptables-save`, `nft list …`, `nft -j
+//! list …`, or kproxy's dry-run text), or the live rules of this network namespace:
+//! every rule it hits, the endpoints it can be DNATed to with their probabilities,
+//! whether and why it is masqueraded, and whether it is dropped or rejected.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::process::Command;
 
 use clap::Args;
 
@@ -14,8 +17,10 @@ use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::nftables::text::transaction_text;
-use crate::trace::iptables::{Packet, Ruleset, Trace};
+use crate::trace::core::{Packet, Trace};
+use crate::trace::iptables::Ruleset;
 use crate::trace::nftables::Table as NftTable;
+use crate::trace::report::{RulesSource, TraceReport};
 
 /// `kproxy trace` flags.
 #[derive(Debug, Clone, Args)]
@@ -23,13 +28,20 @@ pub struct TraceArgs {
     #[command(flatten)]
     /// Cluster and node inputs (the rules are rendered from them).
     pub inputs: InputArgs,
-    /// Trace through this saved ruleset (`iptables-save` output, or `nft -f` text of the
-    /// kube-proxy table in nftables mode) instead of rendering.
-    #[arg(long, value_name = "FILE")]
+    /// Trace through this saved ruleset instead of rendering: `iptables-save` output,
+    /// `nft list table|ruleset` output, `nft -j` JSON, or kproxy's dry-run text.
+    #[arg(long, value_name = "FILE", conflicts_with = "live")]
     pub ruleset: Option<PathBuf>,
+    /// Trace through the rules of the current network namespace (the kube-proxy
+    /// nftables table, or iptables-save of the legacy and nft backends).
+    #[arg(long)]
+    pub live: bool,
     /// Source address of the packet.
     #[arg(long)]
     pub src: IpAddr,
+    /// Source port (shown; kube-proxy's rules do not look at it).
+    #[arg(long)]
+    pub sport: Option<u16>,
     /// Destination address of the packet.
     #[arg(long)]
     pub dst: IpAddr,
@@ -37,92 +49,169 @@ pub struct TraceArgs {
     #[arg(long)]
     pub dport: u16,
     /// Protocol: tcp, udp or sctp.
-    #[arg(long, default_value = "tcp")]
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
     pub proto: String,
     /// The packet is sent by a process on the node itself.
     #[arg(long)]
     pub from_node: bool,
+    /// Output format: text or json.
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
 }
 
-/// Formats a trace for people.
-pub fn explain(pkt: &Packet, t: &Trace) -> String {
-    let mut out = format!(
-        "packet: {} {} -> {}:{} ({})\n",
-        pkt.proto,
-        pkt.src,
-        pkt.dst,
-        pkt.dport,
-        if pkt.from_node {
-            "sent from the node"
-        } else {
-            "arriving at the node"
+/// What the rules are, once read.
+enum Rules {
+    Iptables(Ruleset),
+    Nftables(NftTable),
+}
+
+fn read_file(path: &PathBuf) -> Result<String, CliError> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::usage(format!("reading standard input: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("reading {}: {e}", path.display())))
+}
+
+/// Which mode a ruleset file is written for, from its first meaningful line.
+fn detect_mode(text: &str) -> Mode {
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or_default();
+    if first.starts_with('*') || first.starts_with(':') || first.starts_with("-A ") {
+        Mode::Iptables
+    } else {
+        Mode::Nftables
+    }
+}
+
+fn parse_rules(mode: Mode, text: &str, family: IpFamily) -> Result<Rules, CliError> {
+    let err = |e: crate::trace::core::TraceError| CliError::usage(format!("ruleset: {e}"));
+    Ok(match mode {
+        Mode::Iptables => Rules::Iptables(Ruleset::parse(text).map_err(err)?),
+        Mode::Nftables => {
+            let fam = if family == IpFamily::V6 { "ip6" } else { "ip" };
+            Rules::Nftables(NftTable::parse_for(text, Some(fam)).map_err(err)?)
         }
-    );
-    if t.steps.is_empty() {
-        out.push_str("no kube-proxy rule matches: the packet is not a service packet\n");
-        return out;
+    })
+}
+
+fn run_tool(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rules of this network namespace: the kube-proxy nftables table when present
+/// (or asked for), else the iptables rules of whichever backends hold kube-proxy's
+/// chains (both merged when both do).
+fn live_rules(mode: Option<Mode>, family: IpFamily) -> Result<(Mode, Rules), CliError> {
+    let fam = if family == IpFamily::V6 { "ip6" } else { "ip" };
+    let nft = || run_tool("nft", &["-j", "list", "table", fam, "kube-proxy"]);
+    if mode != Some(Mode::Iptables) {
+        if let Some(json) = nft() {
+            let t = NftTable::parse_for(&json, Some(fam)).map_err(|e| {
+                CliError::failed(format!("nft -j list table {fam} kube-proxy: {e}"))
+            })?;
+            return Ok((Mode::Nftables, Rules::Nftables(t)));
+        }
+        if mode == Some(Mode::Nftables) {
+            return Err(CliError::failed(format!(
+                "no nftables table {fam} kube-proxy in this network namespace"
+            )));
+        }
     }
-    for s in &t.steps {
-        out.push_str(&format!("  {}/{}: {}\n", s.table, s.chain, s.rule));
+    let (legacy, nft_backend) = match family {
+        IpFamily::V4 => ("iptables-legacy-save", "iptables-nft-save"),
+        IpFamily::V6 => ("ip6tables-legacy-save", "ip6tables-nft-save"),
+    };
+    let mut merged: Option<Ruleset> = None;
+    let mut found = Vec::new();
+    for tool in [nft_backend, legacy] {
+        let Some(text) = run_tool(tool, &[]) else {
+            continue;
+        };
+        if !text.contains(":KUBE-") {
+            continue;
+        }
+        let rs = Ruleset::parse(&text).map_err(|e| CliError::failed(format!("{tool}: {e}")))?;
+        found.push(tool);
+        match merged.as_mut() {
+            Some(m) => m.merge(rs),
+            None => merged = Some(rs),
+        }
     }
-    let dnat: Vec<&String> = t
-        .outputs
-        .iter()
-        .filter(|o| !matches!(o.as_str(), "ACCEPT" | "DROP" | "REJECT"))
-        .collect();
-    let verdict = t
-        .outputs
-        .iter()
-        .find(|o| matches!(o.as_str(), "ACCEPT" | "DROP" | "REJECT"));
-    match dnat.len() {
-        0 => {}
-        1 => out.push_str(&format!("DNAT to {}\n", dnat[0])),
-        n => out.push_str(&format!(
-            "DNAT to one of {n} endpoints (picked at random per connection): {}\n",
-            dnat.iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+    match merged {
+        Some(rs) => {
+            if found.len() > 1 {
+                tracing::warn!(backends = ?found, "kube-proxy chains in both iptables backends; tracing both merged");
+            }
+            Ok((Mode::Iptables, Rules::Iptables(rs)))
+        }
+        None => Err(CliError::failed(
+            "no kube-proxy rules in this network namespace (no nftables table, no KUBE- chains in iptables-save)",
         )),
     }
-    match verdict.map(String::as_str) {
-        Some("REJECT") => out.push_str("filter: REJECT (the service has no usable endpoints)\n"),
-        Some("DROP") => out.push_str("filter: DROP\n"),
-        Some(v) => out.push_str(&format!("filter: {v}\n")),
-        None => {}
+}
+
+/// This network namespace's addresses (`addrtype LOCAL` / `fib … type local`).
+fn live_local_ips() -> Vec<IpAddr> {
+    run_tool("ip", &["-o", "addr", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            while let Some(t) = w.next() {
+                if t == "inet" || t == "inet6" {
+                    return w.next()?.split('/').next()?.parse().ok();
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+/// Traces one packet through already-read rules (iptables' `addrtype LOCAL` includes
+/// loopback).
+fn trace_with(rules: &Rules, pkt: &Packet, local: &[IpAddr]) -> Trace {
+    match rules {
+        Rules::Nftables(t) => t.trace(pkt, local),
+        Rules::Iptables(rs) => {
+            let mut local = local.to_vec();
+            local.push(IpAddr::from([127, 0, 0, 1]));
+            local.push(IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+            rs.trace(pkt, &local)
+        }
     }
-    out.push_str(if t.masquerade {
-        "masquerade: yes (source NATed to the node's address on the way out)\n"
-    } else {
-        "masquerade: no (the endpoint sees the client's address)\n"
-    });
-    out
 }
 
 /// Runs `kproxy trace`.
 pub fn run(args: &TraceArgs) -> Result<(), CliError> {
-    let inputs = Inputs::load(&args.inputs)?;
     let family = IpFamily::of(&args.dst);
-    let settings = inputs
-        .families
-        .iter()
-        .find(|s| s.family == family)
-        .cloned()
-        .ok_or_else(|| {
-            CliError::usage(format!(
-                "--ip-family excludes the {} destination",
-                family.label()
-            ))
-        })?;
+    if IpFamily::of(&args.src) != family {
+        return Err(CliError::usage(
+            "--src and --dst are of different IP families",
+        ));
+    }
+    let mode_flag =
+        match &args.inputs.mode {
+            Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+                CliError::usage(format!("--mode {m:?} is not iptables or nftables"))
+            })?),
+            None => None,
+        };
     let mut local: Vec<IpAddr> = args
         .inputs
         .local_addresses
         .iter()
         .filter_map(|a| a.split('/').next()?.parse().ok())
         .collect();
-    if let Some(n) = inputs.state.node() {
-        local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
-    }
     let pkt = Packet {
         src: args.src,
         dst: args.dst,
@@ -130,43 +219,97 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         proto: args.proto.to_lowercase(),
         from_node: args.from_node,
     };
-    if inputs.config.mode == Mode::Nftables {
-        let text = match &args.ruleset {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| CliError::usage(format!("reading {}: {e}", path.display())))?,
-            None => {
-                let state = inputs.state.proxy_state(family, &inputs.node);
-                transaction_text(
-                    &NftRenderer::new(settings.clone())
-                        .render(&state, &NftRenderOptions::default())
-                        .main,
-                )
+    let (mode, rules, source) = if args.live {
+        local.extend(live_local_ips());
+        let (mode, rules) = live_rules(mode_flag, family)?;
+        (mode, rules, RulesSource::Live)
+    } else if let Some(path) = &args.ruleset {
+        let text = read_file(path)?;
+        let mode = mode_flag.unwrap_or_else(|| detect_mode(&text));
+        if args.inputs.snapshot.is_some() {
+            let inputs = Inputs::load(&args.inputs)?;
+            if let Some(n) = inputs.state.node() {
+                local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
+            }
+        }
+        (
+            mode,
+            parse_rules(mode, &text, family)?,
+            RulesSource::Ruleset,
+        )
+    } else {
+        let inputs = Inputs::load(&args.inputs)?;
+        let settings = inputs
+            .families
+            .iter()
+            .find(|s| s.family == family)
+            .cloned()
+            .ok_or_else(|| {
+                CliError::usage(format!(
+                    "--ip-family excludes the {} destination",
+                    family.label()
+                ))
+            })?;
+        if let Some(n) = inputs.state.node() {
+            local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
+        }
+        let state = inputs.state.proxy_state(family, &inputs.node);
+        let mode = inputs.config.mode;
+        let text = match mode {
+            Mode::Nftables => transaction_text(
+                &NftRenderer::new(settings)
+                    .render(&state, &NftRenderOptions::default())
+                    .main,
+            ),
+            Mode::Iptables => {
+                let mut text = Renderer::new(settings)
+                    .render(
+                        &state,
+                        &RenderOptions {
+                            full: true,
+                            ..RenderOptions::default()
+                        },
+                    )
+                    .payload;
+                // The jumps from the built-in chains that kube-proxy ensures outside its
+                // restore payload, so that a dry run walks what a live node walks.
+                text = with_builtin_jumps(&text, pkt.from_node);
+                text
             }
         };
-        let table = NftTable::parse(&text).map_err(|e| CliError::usage(format!("ruleset: {e}")))?;
-        print!("{}", explain(&pkt, &table.trace(&pkt, &local)));
-        return Ok(());
-    }
-    let text = match &args.ruleset {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| CliError::usage(format!("reading {}: {e}", path.display())))?,
-        None => {
-            let state = inputs.state.proxy_state(family, &inputs.node);
-            Renderer::new(settings.clone())
-                .render(
-                    &state,
-                    &RenderOptions {
-                        full: true,
-                        ..RenderOptions::default()
-                    },
-                )
-                .payload
-        }
+        (
+            mode,
+            parse_rules(mode, &text, family)?,
+            RulesSource::Rendered,
+        )
     };
-    let rs = Ruleset::parse(&text).map_err(|e| CliError::usage(format!("ruleset: {e}")))?;
-    // iptables' addrtype LOCAL includes loopback.
-    local.push(IpAddr::from([127, 0, 0, 1]));
-    local.push(IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
-    print!("{}", explain(&pkt, &rs.trace(&pkt, &local)));
+    let trace = trace_with(&rules, &pkt, &local);
+    let report = TraceReport::new(mode.as_str(), source, &pkt, args.sport, &trace);
+    if args.output == "json" {
+        print!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
     Ok(())
+}
+
+/// Adds kube-proxy's jump from nat PREROUTING/OUTPUT to KUBE-SERVICES (installed by
+/// the applier, not part of the restore payload).
+fn with_builtin_jumps(payload: &str, from_node: bool) -> String {
+    let chain = if from_node { "OUTPUT" } else { "PREROUTING" };
+    let mut out = String::with_capacity(payload.len() + 200);
+    let mut in_nat = false;
+    for line in payload.lines() {
+        if line.starts_with('*') {
+            in_nat = line == "*nat";
+        }
+        if in_nat && line == "COMMIT" {
+            out.push_str(&format!(
+                "-A {chain} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+            ));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }

@@ -166,6 +166,7 @@ pub static FLAGS: &[FlagSpec] = &[
     // kproxy's own (kept from `kproxy run`'s first command line).
     FlagSpec { name: "min-sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.minSyncPeriod / nftables.minSyncPeriod", help: "kproxy: the active mode's minimum sync period (same as --iptables-min-sync-period).", kproxy_only: true },
     FlagSpec { name: "sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.syncPeriod / nftables.syncPeriod", help: "kproxy: the active mode's sync period (same as --iptables-sync-period).", kproxy_only: true },
+    FlagSpec { name: "debug-endpoints", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "kproxy: serve /debug/ruleset and /debug/state on the metrics address (default true).", kproxy_only: true },
 ];
 
 /// Looks a flag up by its long name, after pflag's `_` → `-` normalisation
@@ -220,6 +221,8 @@ pub struct CommandLine {
     pub version: Option<String>,
     /// `--help`.
     pub help: bool,
+    /// `--debug-endpoints` (None: the default, on).
+    pub debug_endpoints: Option<bool>,
     /// Deprecated `--healthz-port` / `--metrics-port`.
     pub healthz_port: Option<i32>,
     /// Deprecated `--metrics-port`.
@@ -315,6 +318,7 @@ impl CommandLine {
             "init-only" => self.init_only = as_bool(),
             "master" => self.master = Some(value).filter(|v| !v.is_empty()),
             "help" => self.help = as_bool(),
+            "debug-endpoints" => self.debug_endpoints = Some(as_bool()),
             "version" => {
                 self.version = match value.as_str() {
                     "raw" => Some(value),

@@ -529,7 +529,23 @@ pub fn openmetrics_to_text(om: &str) -> String {
 
 /// Serves `/metrics`, `/healthz` and `/proxyMode`.
 pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<Server> {
+    serve_with(addr, metrics, mode, Box::new(|_| None))
+}
+
+/// Extra paths on the metrics address (the debug endpoints): None when not handled.
+pub type ExtraHandler = Box<dyn Fn(&super::http::Request) -> Option<Response> + Send + Sync>;
+
+/// [`serve`], plus the paths `extra` answers.
+pub fn serve_with(
+    addr: SocketAddr,
+    metrics: Metrics,
+    mode: Mode,
+    extra: ExtraHandler,
+) -> std::io::Result<Server> {
     super::http::serve(addr, move |req: &super::http::Request| {
+        if let Some(r) = extra(req) {
+            return r;
+        }
         match req.path.split('?').next().unwrap_or("") {
             // OpenMetrics for scrapers that ask for it (Prometheus does); otherwise the
             // classic text format, as upstream's server answers a plain request.

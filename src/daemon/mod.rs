@@ -3,6 +3,7 @@
 //! through one dataplane per IP family, rate-limited, with retries that force full syncs.
 //! Serves `/healthz` + `/livez`, per-service health-check node ports and `/metrics`.
 
+pub mod debug;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// gauges).
     pending: Mutex<(usize, usize)>,
     families: Vec<IpFamily>,
+    /// What the dataplanes last applied, for /debug/ruleset and /debug/state.
+    pub debug: debug::DebugState,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
             health,
             metrics,
             trigger_times: Mutex::new(Vec::new()),
+            debug: debug::DebugState::new(),
         }
     }
 
@@ -198,7 +202,8 @@ fn bind_or_warn<T>(
 
 /// Runs the daemon until SIGTERM/SIGINT. `cfg` comes from the one merge of flags
 /// over the config file (`config::resolve`); `master` is `--master`.
-pub fn run(cfg: &Config, master: Option<&str>) -> Result<(), DaemonError> {
+/// `debug_endpoints`: serve /debug/ruleset and /debug/state on the metrics address.
+pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<(), DaemonError> {
     apply_oom_score_adj(cfg.oom_score_adj);
     init_host(cfg);
     let node_name = cfg
@@ -240,8 +245,15 @@ pub fn run(cfg: &Config, master: Option<&str>) -> Result<(), DaemonError> {
     let _healthz = bind_or_warn("healthz", cfg.healthz_bind_address, hard, |a| {
         health::serve_healthz(a, health.clone())
     })?;
+    let debug_shared = debug_endpoints.then(|| Arc::clone(&shared));
     let _metrics = bind_or_warn("metrics", cfg.metrics_bind_address, hard, |a| {
-        metrics::serve(a, shared.metrics.clone(), cfg.mode)
+        let d = debug_shared.clone();
+        metrics::serve_with(
+            a,
+            shared.metrics.clone(),
+            cfg.mode,
+            Box::new(move |req| d.as_ref()?.debug.handle(d.as_ref()?, req)),
+        )
     })?;
     watch::spawn_all(&rt, client, Arc::clone(&shared), node_name.clone());
 
@@ -305,6 +317,11 @@ fn build_planes(
     shared: &Arc<Shared>,
 ) -> sync::Planes {
     let node_info = state.node().cloned();
+    shared.debug.set_node(crate::model::NodeContext {
+        name: node_name.to_string(),
+        zone: node_info.as_ref().and_then(|n| n.zone.clone()),
+        prefer_same_node: cfg.feature_gate("PreferSameTrafficDistribution"),
+    });
     let settings: Vec<FamilySettings> = families
         .iter()
         .map(|f| host.family_settings(cfg, *f, node_name, node_info.as_ref()))
@@ -317,8 +334,19 @@ fn build_planes(
             NodePortAddresses::All => None,
         })
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    // Each dataplane's syncs are recorded for /debug/ruleset and /debug/state.
+    let dataplanes = host
+        .dataplanes(cfg, settings.clone())
+        .into_iter()
+        .map(
+            |dp| match settings.iter().find(|s| s.family == dp.family()) {
+                Some(s) => shared.debug.wrap(dp, s.clone()),
+                None => dp,
+            },
+        )
+        .collect();
     sync::Planes {
-        dataplanes: host.dataplanes(cfg, settings),
+        dataplanes,
         service_health: Some(health::ServiceHealth::new(shared.health.clone(), hc_bind)),
     }
 }
