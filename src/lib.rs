@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod dataplane;
+pub mod diff;
 pub mod iptables;
 pub mod memory;
 pub mod model;
