@@ -30,6 +30,8 @@ enum Command {
     Cleanup(cli::apply::CleanupArgs),
     /// Explain where a packet goes through the rules (rendered, or a saved dump).
     Trace(cli::trace::TraceArgs),
+    /// Compare the rules kproxy would write with the live rules (exit 0 same, 1 different).
+    Diff(cli::diff::DiffArgs),
     /// Print the version.
     Version,
 }
@@ -65,6 +67,7 @@ fn main() {
         Command::Apply(a) => cli::apply::run_apply(a),
         Command::Run(a) => kproxy::daemon::run(a).map_err(CliError::failed),
         Command::Cleanup(a) => cli::apply::run_cleanup(a),
+        Command::Diff(a) => cli::diff::run(a),
         Command::Version => {
             println!("kproxy {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -2,6 +2,7 @@
 //! one-shot commands built on them. `main.rs` only dispatches.
 
 pub mod apply;
+pub mod diff;
 pub mod inputs;
 pub mod render;
 pub mod trace;
