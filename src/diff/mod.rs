@@ -208,6 +208,23 @@ impl Outcome {
     }
 }
 
+/// Whether any rule or element of `scope` names `chain`.
+fn referenced(rs: &Ruleset, scope: &str, chain: &str) -> bool {
+    let names = |text: &str| {
+        text.split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}' || c == '"')
+            .any(|w| w == chain)
+    };
+    rs.chains
+        .iter()
+        .filter(|((s, _), _)| s == scope)
+        .any(|(_, c)| c.rules.iter().any(|r| names(r)))
+        || rs
+            .sets
+            .iter()
+            .filter(|((s, _), _)| s == scope)
+            .any(|(_, set)| set.elements.iter().any(|e| names(e)))
+}
+
 /// Multiset difference: items of `a` not matched in `b`, in `a`'s order.
 fn minus<'a>(a: &'a [String], b: &[String]) -> Vec<&'a String> {
     let mut left: BTreeMap<&str, usize> = BTreeMap::new();
@@ -280,6 +297,16 @@ pub fn compare(desired: &Ruleset, live: &Ruleset, who: &dyn Attribution) -> Vec<
                 } else {
                     Kind::Missing
                 };
+                // A flushed per-Service chain nothing refers to is one waiting for its
+                // delayed deletion (upstream and kproxy both delete stale chains a
+                // little later): no packet can reach it.
+                if kind == Kind::Extra
+                    && d.rules.is_empty()
+                    && owner.is_some()
+                    && !referenced(live, scope, name)
+                {
+                    continue;
+                }
                 // A chain's owner may only be visible from its rules.
                 let service = owner
                     .clone()
