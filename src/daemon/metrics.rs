@@ -64,6 +64,11 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
 }
@@ -131,6 +136,9 @@ struct Inner {
     conntrack_duration: HistogramFamily,
     conntrack_deleted: Family<FamilyLabels, Counter>,
     skipped_objects: Counter,
+    shadow_differences: Family<ModeLabels, Gauge>,
+    /// Shadow mode: the last comparison's report, served on `/debug/diff`.
+    last_diff: std::sync::Mutex<Option<String>>,
 }
 
 /// The daemon's metrics. Cloning shares them.
@@ -185,6 +193,8 @@ impl Metrics {
             conntrack_duration: sync_histograms(),
             conntrack_deleted: Family::default(),
             skipped_objects: Counter::default(),
+            shadow_differences: Family::default(),
+            last_diff: std::sync::Mutex::new(None),
         };
         fn e(name: &'static str, help: &'static str, metric: impl Metric) -> Entry {
             Entry {
@@ -303,6 +313,11 @@ impl Metrics {
                 "kproxy_skipped_objects",
                 "Malformed Services and EndpointSlices skipped",
                 m.skipped_objects.clone(),
+            ),
+            e(
+                "kproxy_shadow_differences",
+                "Shadow mode: differences between the rules kproxy would write and the live rules at the last sync",
+                m.shadow_differences.clone(),
             ),
         ];
         m.registry.register_collector(Box::new(Exposition(entries)));
@@ -471,6 +486,31 @@ impl Metrics {
         }
     }
 
+    /// Shadow mode: the last comparison found `n` differences (all families), and its
+    /// report for `/debug/diff`.
+    pub fn shadow_compared(&self, mode: Mode, n: usize, report: String) {
+        self.inner
+            .shadow_differences
+            .get_or_create(&ModeLabels {
+                mode: mode.as_str(),
+            })
+            .set(saturating_i64(n));
+        *self
+            .inner
+            .last_diff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+    }
+
+    /// The last shadow comparison's report, if any.
+    pub fn last_diff(&self) -> Option<String> {
+        self.inner
+            .last_diff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The exposition (OpenMetrics text, ending `# EOF`).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -538,6 +578,18 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<
                 status: 200,
                 headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
                 body: "ok".into(),
+            },
+            "/debug/diff" => match metrics.last_diff() {
+                Some(body) => Response {
+                    status: 200,
+                    headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+                    body,
+                },
+                None => Response {
+                    status: 404,
+                    headers: vec![],
+                    body: "no comparison yet (shadow mode only)\n".into(),
+                },
             },
             "/proxyMode" => Response {
                 status: 200,

@@ -6,6 +6,7 @@
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod shadow;
 pub mod sync;
 pub mod watch;
 
@@ -69,6 +70,10 @@ pub struct RunArgs {
     /// Remove kproxy's rules and exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// Shadow mode: never write rules; compare would-be syncs with the live rules
+    /// (healthz/metrics ports default to 10266/10269).
+    #[arg(long, env = "KPROXY_SHADOW")]
+    pub shadow: bool,
 }
 
 /// What the watchers share with the sync loop.
@@ -252,12 +257,21 @@ fn local_addresses() -> Vec<ipnet::IpNet> {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(args: &RunArgs) -> Result<(), String> {
-    let cfg = build_config(args)?;
+    let mut cfg = build_config(args)?;
+    if args.shadow {
+        let (h, m) = (
+            args.healthz_bind_address.is_some(),
+            args.metrics_bind_address.is_some(),
+        );
+        shadow::shadow_ports(&mut cfg, h, m);
+    }
     if args.cleanup {
         let c = crate::cli::apply::CleanupArgs { mode: None };
         return crate::cli::apply::run_cleanup(&c).map_err(|e| e.to_string());
     }
-    crate::sysctl::tune_conntrack(&cfg.conntrack);
+    if !args.shadow {
+        crate::sysctl::tune_conntrack(&cfg.conntrack);
+    }
     let node_name = cfg
         .hostname_override
         .clone()
@@ -321,9 +335,14 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     };
     let factory_cfg = cfg.clone();
     let factory_shared = Arc::clone(&shared);
+    let shadow = args.shadow;
     sync::SyncLoop::deferred(
         settings,
         Box::new(move |state: &ClusterState| {
+            if shadow {
+                let m = &factory_shared.metrics;
+                return shadow::build_planes(&factory_cfg, &node_name, state, &families, &addrs, m);
+            }
             build_planes(
                 &factory_cfg,
                 &node_name,
@@ -334,7 +353,10 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
             )
         }),
     )
-    .with_conntrack(Box::new(|state: &ProxyState| {
+    .with_conntrack(Box::new(move |state: &ProxyState| {
+        if shadow {
+            return Ok(0);
+        }
         crate::conntrack::reconcile(state).map_err(|e| e.to_string())
     }))
     .run(&shared, &stop);
