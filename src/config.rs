@@ -370,6 +370,8 @@ impl Config {
         }
         if let Some(s) = sync {
             match parse_duration(&s) {
+                // Upstream's defaulting: 0s (kubeadm writes it) means the default.
+                Some(d) if d.is_zero() => {}
                 Some(d) => cfg.sync_period = d,
                 None => problems.push(format!("syncPeriod {s:?} is not a duration")),
             }
