@@ -31,20 +31,39 @@ pub struct CleanupArgs {
 /// Runs `kproxy apply`.
 pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
     let inputs = Inputs::load(&args.inputs)?;
-    match inputs.config.mode {
-        Mode::Iptables => apply_iptables(&inputs),
+    let started = std::time::Instant::now();
+    let written = match inputs.config.mode {
+        Mode::Iptables => apply_iptables(&inputs)?,
         Mode::Nftables => {
             crate::nftables::apply_once(&inputs)
                 .map_err(|e| CliError::failed(format!("nftables apply: {e}")))?;
+            let mut parts = Vec::new();
             for s in &inputs.families {
-                reconcile_conntrack(&inputs.state.proxy_state(s.family, &inputs.node));
+                let state = inputs.state.proxy_state(s.family, &inputs.node);
+                reconcile_conntrack(&state);
+                parts.push(format!(
+                    "{} table {} ({} Service ports)",
+                    crate::nftables::transaction::Family::of(s.family).as_str(),
+                    crate::nftables::render::TABLE,
+                    state.ports.len()
+                ));
             }
-            Ok(())
+            parts
         }
-    }
+    };
+    // One line on success: what was written, and how long it took.
+    println!(
+        "applied {} rules: {} in {} ms",
+        inputs.config.mode.as_str(),
+        written.join(", "),
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }
 
-fn apply_iptables(inputs: &Inputs) -> Result<(), CliError> {
+/// Applies every family; returns one summary fragment per family.
+fn apply_iptables(inputs: &Inputs) -> Result<Vec<String>, CliError> {
+    let mut written = Vec::new();
     let backend = detect_backend(&RealExec);
     tracing::info!(?backend, "iptables backend");
     for settings in &inputs.families {
@@ -68,9 +87,16 @@ fn apply_iptables(inputs: &Inputs) -> Result<(), CliError> {
             .sync(&state, true)
             .map_err(|e| CliError::failed(format!("{}: {e}", settings.family.label())))?;
         tracing::info!(family = settings.family.label(), ?report, "applied");
+        written.push(format!(
+            "{} nat {} + filter {} ({} Service ports)",
+            settings.family.label(),
+            report.nat_rules_total,
+            report.filter_rules,
+            state.ports.len()
+        ));
         reconcile_conntrack(&state);
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Deletes UDP/SCTP conntrack entries that point at endpoints no longer serving; a
@@ -117,15 +143,29 @@ pub fn run_cleanup(args: &CleanupArgs) -> Result<(), CliError> {
         Some(m) => vec![Mode::parse(m)
             .ok_or_else(|| CliError::usage(format!("--mode {m:?} is not iptables or nftables")))?],
     };
+    let started = std::time::Instant::now();
     let mut problems = Vec::new();
+    let mut cleaned = Vec::new();
     for mode in modes {
         for mut dp in cleanup_planes(mode) {
-            if let Err(e) = dp.cleanup() {
-                problems.push(e.to_string());
+            match dp.cleanup() {
+                Ok(()) => cleaned.push(format!("{} {}", dp.mode().as_str(), dp.family().label())),
+                Err(e) => problems.push(e.to_string()),
             }
         }
     }
     if problems.is_empty() {
+        // One line on success: what was cleaned (rules that were not there count as
+        // cleaned: cleanup is idempotent), and how long it took.
+        println!(
+            "removed kube-proxy's rules: {} in {} ms",
+            if cleaned.is_empty() {
+                "nothing to clean".to_string()
+            } else {
+                cleaned.join(", ")
+            },
+            started.elapsed().as_millis()
+        );
         Ok(())
     } else {
         Err(CliError::failed(problems.join("; ")))
