@@ -139,6 +139,8 @@ struct Inner {
     shadow_differences: Family<ModeLabels, Gauge>,
     /// Shadow mode: the last comparison's report, served on `/debug/diff`.
     last_diff: std::sync::Mutex<Option<String>>,
+    /// The effective configuration, served on `/configz`.
+    configz: std::sync::Mutex<Option<String>>,
 }
 
 /// The daemon's metrics. Cloning shares them.
@@ -195,6 +197,7 @@ impl Metrics {
             skipped_objects: Counter::default(),
             shadow_differences: Family::default(),
             last_diff: std::sync::Mutex::new(None),
+            configz: std::sync::Mutex::new(None),
         };
         fn e(name: &'static str, help: &'static str, metric: impl Metric) -> Entry {
             Entry {
@@ -502,6 +505,15 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
     }
 
+    /// Sets the `/configz` body (the effective configuration as JSON).
+    pub fn set_configz(&self, body: String) {
+        *self
+            .inner
+            .configz
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(body);
+    }
+
     /// The last shadow comparison's report, if any.
     pub fn last_diff(&self) -> Option<String> {
         self.inner
@@ -578,6 +590,24 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<
                 status: 200,
                 headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
                 body: "ok".into(),
+            },
+            "/configz" => match metrics
+                .inner
+                .configz
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                Some(body) => Response {
+                    status: 200,
+                    headers: vec![("Content-Type", "application/json".into())],
+                    body,
+                },
+                None => Response {
+                    status: 404,
+                    headers: vec![],
+                    body: "404 page not found\n".into(),
+                },
             },
             "/debug/diff" => match metrics.last_diff() {
                 Some(body) => Response {

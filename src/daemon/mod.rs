@@ -3,6 +3,7 @@
 //! through one dataplane per IP family, rate-limited, with retries that force full syncs.
 //! Serves `/healthz` + `/livez`, per-service health-check node ports and `/metrics`.
 
+pub mod configz;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -293,6 +294,7 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         "starting"
     );
     let metrics = metrics::Metrics::new();
+    metrics.set_configz(configz::body(&cfg));
     let health = health::Health::new(&families, cfg.sync_period).with_metrics(metrics.clone());
     // Not eligible for load-balancer traffic until this node's Node object is seen.
     health.set_node_eligible(false);
