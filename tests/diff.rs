@@ -3,6 +3,8 @@
 //! expected rules (loaded as upstream kube-proxy writes them), and each kind of
 //! tampering reported under the right Service port with exit 1.
 
+#[path = "support/fake_apiserver.rs"]
+mod fake_apiserver;
 #[path = "support/netns.rs"]
 mod netns;
 mod vectors;
@@ -491,4 +493,61 @@ fn nftables_upstream_vectors_are_same() {
         checked += 1;
     }
     assert!(checked >= 10, "only {checked} nftables vectors");
+}
+
+#[test]
+fn diff_reads_the_cluster_from_the_api_server() {
+    if !require_root("diff_reads_the_cluster_from_the_api_server") {
+        return;
+    }
+    let ns = Netns::new("dfapi");
+    let api = ns.run(fake_apiserver::FakeApi::start);
+    let dir = std::env::temp_dir().join(format!("kproxy-diff-api-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses: [{type: InternalIP, address: 10.99.0.1}]\n";
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: app}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, protocol: TCP}]\n";
+    let slice = |ip: &str| {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: app\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [{ip}]\nports: [{{name: http, port: 8080, protocol: TCP}}]\n")
+    };
+    for o in [node.to_string(), svc.to_string(), slice("10.244.1.5")] {
+        api.apply(&o);
+    }
+    let snapshot = dir.join("cluster.yaml");
+    fs::write(
+        &snapshot,
+        format!("{node}---\n{svc}---\n{}", slice("10.244.1.5")),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_kproxy")])
+            .args(args)
+            .args(["--mode", "iptables", "--hostname-override", "node-a"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code().unwrap_or(-1),
+            text + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let snap = snapshot.display().to_string();
+    let kc = kubeconfig.display().to_string();
+    assert_eq!(run(&["apply", "--snapshot", &snap]).0, 0);
+    let (code, out) = run(&["diff", "--kubeconfig", &kc]);
+    assert_eq!(code, 0, "{out}");
+    api.apply(&slice("10.244.1.6"));
+    let (code, out) = run(&["diff", "--kubeconfig", &kc]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        section(&out, "app/web:http")
+            .iter()
+            .any(|l| l.contains("10.244.1.6")),
+        "{out}"
+    );
+    let (code, _) = run(&["diff", "--kubeconfig", &kc, "--snapshot", &snap]);
+    assert_eq!(code, 2);
+    let _ = fs::remove_dir_all(&dir);
 }

@@ -10,12 +10,87 @@ use crate::diff::live::{self, Scratch};
 use crate::diff::{Outcome, Ruleset};
 use crate::iptables::apply::{detect_backend, Backend, RealExec};
 
-/// `kproxy diff` flags.
+/// `kproxy diff` flags: the render inputs, with the cluster read from a snapshot or
+/// straight from the API server.
 #[derive(Debug, Clone, Args)]
+// The cluster may come from the API server instead of --snapshot: then the snapshot
+// path is NO_SNAPSHOT (no real path contains a NUL byte).
+#[command(mut_arg("snapshot", |a| a.required(false).default_value(NO_SNAPSHOT).hide_default_value(true)))]
 pub struct DiffArgs {
     #[command(flatten)]
     /// Cluster and node inputs (as for `render` and `apply`).
     pub inputs: InputArgs,
+    /// Read the cluster from the API server with this kubeconfig instead of --snapshot.
+    #[arg(long, value_name = "FILE", conflicts_with = "in_cluster")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Read the cluster from the API server with the pod's in-cluster credentials (or
+    /// $KUBECONFIG / ~/.kube/config) instead of --snapshot.
+    #[arg(long)]
+    pub in_cluster: bool,
+}
+
+const NO_SNAPSHOT: &str = "\0";
+
+/// Lists Services, EndpointSlices, Nodes and ServiceCIDRs from the API server (the
+/// same label selection the daemon watches) as one `List` JSON snapshot.
+fn fetch_cluster(kubeconfig: Option<&std::path::Path>) -> Result<String, CliError> {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::networking::v1::ServiceCIDR;
+    use kube::api::{Api, ListParams};
+
+    let cfg = crate::config::Config {
+        kubeconfig: kubeconfig.map(|p| p.display().to_string()),
+        ..crate::config::Config::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::usage(format!("starting runtime: {e}")))?;
+    rt.block_on(async {
+        let client = crate::daemon::watch::client(&cfg, None)
+            .await
+            .map_err(CliError::usage)?;
+        let proxied = ListParams::default().labels(crate::daemon::watch::PROXIED);
+        let err = |what: &str, e: kube::Error| CliError::usage(format!("listing {what}: {e}"));
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        let mut push = |v: Result<serde_json::Value, serde_json::Error>| {
+            if let Ok(v) = v {
+                items.push(v);
+            }
+        };
+        for o in Api::<Service>::all(client.clone())
+            .list(&proxied)
+            .await
+            .map_err(|e| err("services", e))?
+        {
+            push(serde_json::to_value(o));
+        }
+        for o in Api::<EndpointSlice>::all(client.clone())
+            .list(&proxied)
+            .await
+            .map_err(|e| err("endpointslices", e))?
+        {
+            push(serde_json::to_value(o));
+        }
+        for o in Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| err("nodes", e))?
+        {
+            push(serde_json::to_value(o));
+        }
+        // Older API servers have no ServiceCIDRs: then there are none to know about.
+        if let Ok(list) = Api::<ServiceCIDR>::all(client)
+            .list(&ListParams::default())
+            .await
+        {
+            for o in list {
+                push(serde_json::to_value(o));
+            }
+        }
+        Ok(serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string())
+    })
 }
 
 /// The settings `kproxy apply` would use on this host (so that "same" means an apply
@@ -64,7 +139,24 @@ pub fn compare(inputs: &Inputs) -> Result<Outcome, CliError> {
 
 /// Runs `kproxy diff`.
 pub fn run(args: &DiffArgs) -> Result<(), CliError> {
-    let inputs = Inputs::load(&args.inputs)?;
+    let from_api = args.kubeconfig.is_some() || args.in_cluster;
+    let empty = args.inputs.snapshot.as_os_str() == NO_SNAPSHOT;
+    if from_api != empty {
+        return Err(CliError::usage(
+            "give exactly one of --snapshot, --kubeconfig or --in-cluster",
+        ));
+    }
+    let mut input_args = args.inputs.clone();
+    let _fetched; // keeps the temporary snapshot until the inputs are loaded
+    if from_api {
+        let text = fetch_cluster(args.kubeconfig.as_deref())?;
+        let path = std::env::temp_dir().join(format!("kproxy-diff-{}.json", std::process::id()));
+        std::fs::write(&path, text)
+            .map_err(|e| CliError::usage(format!("writing {}: {e}", path.display())))?;
+        input_args.snapshot = path.clone();
+        _fetched = TempFile(path);
+    }
+    let inputs = Inputs::load(&input_args)?;
     let outcome = compare(&inputs)?;
     print!("{}", outcome.report());
     if outcome.is_same() {
@@ -73,5 +165,14 @@ pub fn run(args: &DiffArgs) -> Result<(), CliError> {
         Err(CliError::failed(
             "the live rules differ from the rules kproxy would write",
         ))
+    }
+}
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
