@@ -60,9 +60,8 @@ fn main() {
             },
         );
         let peak = rss_mib();
-        let (main, rest) = rendered.take_main();
-        drop(main);
-        r.commit(rest);
+        drop(rendered.main);
+        r.commit(rendered.record);
         let record = rss_mib();
         println!(
             "| {n} × 10 | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",

@@ -81,12 +81,11 @@ fn main() {
             let t = Instant::now();
             let ps = state.proxy_state(IpFamily::V4, &node2);
             let out = r.render(&ps, &RenderOptions::default());
-            let (main, out) = out.take_main();
-            for part in main.split_at(batch_ops, &out.cuts) {
+            for part in out.main.split(batch_ops) {
                 nl.apply(&part).unwrap();
             }
             let t_full = t.elapsed();
-            r.commit(out);
+            r.commit(out.record);
             if std::env::var_os("RESYNC").is_some() {
                 // A full resync over the existing table (the hourly resync, a retry after a
                 // failure, or taking over upstream's table), as the daemon does it.
@@ -104,8 +103,7 @@ fn main() {
                     },
                 );
                 let n_ops = out.main.len();
-                let (main, out) = out.take_main();
-                let parts = main.split_at(batch_ops, &out.cuts);
+                let parts = out.main.split(batch_ops);
                 let batches = parts.len();
                 for part in parts {
                     nl.apply(&part).unwrap();
@@ -115,7 +113,7 @@ fn main() {
                     t_read.as_secs_f64(),
                     t.elapsed().as_secs_f64()
                 );
-                r.commit(out);
+                r.commit(out.record);
             }
             let mut changes: Vec<Duration> = Vec::new();
             let runs: usize = std::env::var("CHANGES")

@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::model::{IpFamily, Protocol, ProxyState};
+use crate::sys::socket::NetlinkSocket;
 
 /// One conntrack entry, reduced to what the decision needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +95,6 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -208,64 +207,42 @@ fn af(family: IpFamily) -> u8 {
     }
 }
 
-/// Reads messages until the reply to `seq` ends; hands each payload to `f`.
-fn read_all(sock: &mnl::Socket, seq: u32, mut f: impl FnMut(&[u8])) -> Result<(), ConntrackError> {
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = sock.recv_raw(&mut buf).map_err(|source| ConntrackError {
+/// Opens a netfilter socket for one request.
+fn open() -> Result<NetlinkSocket, ConntrackError> {
+    NetlinkSocket::open(1 << 16).map_err(|source| ConntrackError {
+        what: "open socket",
+        source,
+    })
+}
+
+/// Sends one request and reads its reply, handing each data payload to `f`; the
+/// kernel's error, if it sent one, is the result.
+fn request(
+    sock: &mut NetlinkSocket,
+    build: impl FnOnce(u32) -> Vec<u8>,
+    what: &'static str,
+    mut f: impl FnMut(&[u8]),
+) -> Result<(), ConntrackError> {
+    let seq = sock.take_seqs(1);
+    sock.send(&build(seq))
+        .map_err(|source| ConntrackError { what, source })?;
+    sock.recv_reply(seq, |frame| f(frame.payload))
+        .map_err(|source| ConntrackError {
             what: "receive",
             source,
-        })?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len =
-                u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-            if len < 16 || off + len > n {
-                break;
-            }
-            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            let mseq =
-                u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
-            if mseq == seq {
-                if ty == NLMSG_DONE {
-                    return Ok(());
-                }
-                if ty == NLMSG_ERROR {
-                    let code = i32::from_ne_bytes([
-                        buf[off + 16],
-                        buf[off + 17],
-                        buf[off + 18],
-                        buf[off + 19],
-                    ]);
-                    if code != 0 {
-                        return Err(ConntrackError {
-                            what: "request",
-                            source: std::io::Error::from_raw_os_error(-code),
-                        });
-                    }
-                    return Ok(());
-                }
-                f(&buf[off + 16..off + len]);
-            }
-            off += len.div_ceil(4) * 4;
-        }
-    }
+        })?
+        .map_err(|errno| ConntrackError {
+            what: "request",
+            source: std::io::Error::from_raw_os_error(errno),
+        })
 }
 
 /// Lists the family's conntrack entries.
 pub fn list(family: IpFamily) -> Result<Vec<Flow>, ConntrackError> {
-    let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| ConntrackError {
-        what: "open socket",
-        source,
-    })?;
-    let seq = 1;
-    let req = header(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, af(family), 0);
-    sock.send(&req).map_err(|source| ConntrackError {
-        what: "send dump",
-        source,
-    })?;
+    let mut sock = open()?;
     let mut flows = Vec::new();
-    read_all(&sock, seq, |payload| {
+    let dump = |seq| header(IPCTNL_MSG_CT_GET, NLM_F_DUMP, seq, af(family), 0);
+    request(&mut sock, dump, "send dump", |payload| {
         // nfgenmsg (4 bytes), then attributes.
         let Some(body) = payload.get(4..) else { return };
         let mut orig = None;
@@ -295,10 +272,7 @@ pub fn list(family: IpFamily) -> Result<Vec<Flow>, ConntrackError> {
 
 /// Deletes one entry by its original tuple; an entry already gone is fine.
 pub fn delete(flow: &Flow) -> Result<(), ConntrackError> {
-    let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(|source| ConntrackError {
-        what: "open socket",
-        source,
-    })?;
+    let mut sock = open()?;
     let (family, src_ty, dst_ty) = match flow.orig_src {
         IpAddr::V4(_) => (IpFamily::V4, CTA_IP_V4_SRC, CTA_IP_V4_DST),
         IpAddr::V6(_) => (IpFamily::V6, CTA_IP_V6_SRC, CTA_IP_V6_DST),
@@ -325,14 +299,12 @@ pub fn delete(flow: &Flow) -> Result<(), ConntrackError> {
     let mut tuple = nested(CTA_TUPLE_IP, &ip);
     tuple.extend(nested(CTA_TUPLE_PROTO, &proto));
     let body = nested(CTA_TUPLE_ORIG, &tuple);
-    let seq = 2;
-    let mut req = header(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, seq, af(family), body.len());
-    req.extend_from_slice(&body);
-    sock.send(&req).map_err(|source| ConntrackError {
-        what: "send delete",
-        source,
-    })?;
-    match read_all(&sock, seq, |_| {}) {
+    let build = |seq| {
+        let mut req = header(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, seq, af(family), body.len());
+        req.extend_from_slice(&body);
+        req
+    };
+    match request(&mut sock, build, "send delete", |_| {}) {
         Err(e) if e.source.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }

@@ -3,6 +3,7 @@
 //! remove them again. The sync loop (`daemon::sync`) drives any `Dataplane`, so its
 //! scheduling, retries and metrics are tested with a fake that needs no kernel.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Mode;
@@ -13,8 +14,8 @@ use crate::model::{IpFamily, ProxyState};
 pub struct SyncOutcome {
     /// Whether it rewrote everything.
     pub full: bool,
-    /// iptables: `(table, rules owned in total, rules written by this sync)`.
-    pub iptables_rules: Vec<(&'static str, usize, usize)>,
+    /// iptables: the rules of each table (empty in nftables mode).
+    pub iptables_rules: Vec<TableRules>,
     /// Operations sent to the kernel (lines of `iptables-restore` input, or nftables
     /// netlink operations).
     pub operations: usize,
@@ -24,10 +25,26 @@ pub struct SyncOutcome {
     pub cleanup_failed: bool,
 }
 
+/// How many rules one iptables table holds after a sync (upstream's
+/// `sync_proxy_rules_iptables_total` and `…_last` metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableRules {
+    /// `filter` or `nat`.
+    pub table: &'static str,
+    /// Rules kproxy owns in the table in total.
+    pub total: usize,
+    /// Rules this sync wrote.
+    pub written: usize,
+}
+
+/// The cause of a failed sync, shared so that the error stays cheap to clone (the
+/// daemon logs it and keeps it for metrics).
+pub type DataplaneCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A failed sync. The kernel keeps what it had (both appliers are all-or-nothing);
 /// the next sync is full.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{mode} {family} {what} failed: {message}")]
+#[error("{mode} {family} {what} failed: {source}")]
 pub struct DataplaneError {
     /// `iptables` or `nftables`.
     pub mode: &'static str,
@@ -38,7 +55,38 @@ pub struct DataplaneError {
     /// Whether the failed sync was a partial one (upstream counts those separately).
     pub partial: bool,
     /// What went wrong, with the failing object where the kernel named one.
-    pub message: String,
+    #[source]
+    pub source: DataplaneCause,
+}
+
+impl DataplaneError {
+    /// A failed sync (`partial` or full) of `mode` for `family`.
+    pub fn sync_failed(
+        mode: Mode,
+        family: IpFamily,
+        partial: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> DataplaneError {
+        DataplaneError {
+            mode: mode.as_str(),
+            family: family.label(),
+            what: if partial { "partial sync" } else { "full sync" },
+            partial,
+            source: Arc::new(source),
+        }
+    }
+
+    /// A failed clean-up of `mode` for `family`.
+    pub fn cleanup_failed(
+        mode: Mode,
+        family: IpFamily,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> DataplaneError {
+        DataplaneError {
+            what: "cleanup",
+            ..DataplaneError::sync_failed(mode, family, false, source)
+        }
+    }
 }
 
 /// One family's rules in one mode.
@@ -121,6 +169,11 @@ pub mod fake {
         }
     }
 
+    /// The failure a [`FakeControl::fail_next`] sync reports.
+    #[derive(Debug, Clone, Copy, thiserror::Error)]
+    #[error("injected failure")]
+    pub struct InjectedFailure;
+
     /// The fake.
     #[derive(Debug)]
     pub struct FakeDataplane {
@@ -173,17 +226,12 @@ pub mod fake {
                 });
             if fail {
                 self.applied = false;
-                return Err(DataplaneError {
-                    mode: "nftables",
-                    family: self.family.label(),
-                    what: if effective {
-                        "full sync"
-                    } else {
-                        "partial sync"
-                    },
-                    partial: !effective,
-                    message: "injected failure".into(),
-                });
+                return Err(DataplaneError::sync_failed(
+                    Mode::Nftables,
+                    self.family,
+                    !effective,
+                    InjectedFailure,
+                ));
             }
             self.applied = true;
             Ok(SyncOutcome {

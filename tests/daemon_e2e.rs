@@ -554,3 +554,71 @@ fn dual_stack_iptables() {
         dual_stack("iptables");
     }
 }
+
+#[test]
+fn bind_failure_is_logged_unless_hard_fail() {
+    if !require_root("bind_failure_is_logged_unless_hard_fail") {
+        return;
+    }
+    let ns = Netns::new("dmnbind");
+    let api = ns.run(FakeApi::start);
+    let dir = std::env::temp_dir().join(format!("kproxy-e2e-bind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    api.apply(node_yaml());
+    api.apply(&service("web", "10.96.0.10"));
+    api.apply(&slice("web", &["10.244.1.5"]));
+    // Something else already holds the healthz port (a socket keeps its namespace).
+    let _busy = ns.run(|| std::net::TcpListener::bind("127.0.0.1:10256").expect("bind"));
+
+    // Upstream: logged, and the proxy goes on.
+    let soft_log = dir.join("soft.log");
+    let mut soft = start_kproxy(
+        &ns,
+        &kubeconfig,
+        "nftables",
+        "10.244.0.0/16",
+        &[],
+        &soft_log,
+    );
+    wait_for(
+        &ns,
+        "nftables",
+        "rules despite the busy healthz port",
+        |r| r.contains("10.244.1.5"),
+    );
+    assert!(
+        soft.0.try_wait().unwrap().is_none(),
+        "the daemon must keep running"
+    );
+    let log = std::fs::read_to_string(&soft_log).unwrap_or_default();
+    assert!(log.contains("failed to start the healthz server"), "{log}");
+    drop(soft);
+
+    // bindAddressHardFail: fatal.
+    let hard_log = dir.join("hard.log");
+    let mut hard = start_kproxy(
+        &ns,
+        &kubeconfig,
+        "nftables",
+        "10.244.0.0/16",
+        &["--bind-address-hard-fail"],
+        &hard_log,
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = hard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "hard fail did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(&hard_log).unwrap_or_default();
+    assert!(log.contains("healthz server on 127.0.0.1:10256"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

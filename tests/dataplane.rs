@@ -772,3 +772,158 @@ fn terminating(mode: Mode) {
 }
 
 both_modes!(terminating);
+
+// ---------------------------------------------------------------------------------
+// Drop-in for kube-proxy: the binary installed as `kube-proxy`, started with kubeadm's
+// command line and kubeadm's generated config.conf, serves rules, /healthz on :10256
+// and /metrics on 127.0.0.1:10249; in nftables mode NodePorts only on the node's
+// primary address (upstream's nftables default), in iptables mode on every address.
+
+fn kubeadm_dropin(mode: Mode) {
+    let bed = Bed::builder(mode)
+        .local_pods(&["pod-a"])
+        .remote_pods(&["pod-r"])
+        .build();
+    let np = 30090;
+    let cluster_ip = service_ip(60, false);
+    let snap = bed.snapshot().service(
+        Service::new("web", cluster_ip, PORT, ECHO_PORT)
+            .node_port(np)
+            .endpoints(vec![bed.ep("pod-a", false)]),
+    );
+    // A second address on the node's uplink, which is not its primary (Node) IP.
+    let secondary: IpAddr = "192.168.50.3".parse().unwrap();
+    bed.node_sh(&format!("ip addr add {secondary}/24 dev up0"))
+        .expect("secondary node address");
+    let daemon = bed.run_kube_proxy(&snap).expect("start kube-proxy");
+    let healthz = addr(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
+    let metrics = addr(IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
+    // Synced once the daemon reports a successful sync on /metrics.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some((200, body)) = bed.http_get(From::Node, metrics, "/metrics") {
+            if body.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{") {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kube-proxy never synced (no /metrics on 127.0.0.1:10249 showing a sync); log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (code, body) = bed
+        .http_get(From::Node, healthz, "/healthz")
+        .unwrap_or_else(|| panic!("no /healthz on :10256; log:\n{}", daemon.log()));
+    assert_eq!(code, 200, "{body}");
+    // healthz binds every address (0.0.0.0:10256), metrics only loopback.
+    assert!(
+        bed.http_get(From::Client, addr(bed.node_ip(false), 10256), "/healthz")
+            .is_some(),
+        "healthz must answer on the node IP"
+    );
+    assert!(
+        bed.http_get(From::Client, addr(bed.node_ip(false), 10249), "/metrics")
+            .is_none(),
+        "metrics must stay on loopback"
+    );
+
+    let got = bed.expect_reply(From::Node, Proto::Tcp, addr(cluster_ip, PORT));
+    assert_eq!(got.server, "pod-a", "node -> ClusterIP");
+    let got = bed.expect_reply(From::Client, Proto::Tcp, addr(bed.node_ip(false), np));
+    assert_eq!(got.server, "pod-a", "client -> NodePort on the primary IP");
+    let o = bed.exchanges(
+        From::Client,
+        Proto::Tcp,
+        addr(secondary, np),
+        1,
+        ANSWER_TIMEOUT,
+    );
+    match mode {
+        Mode::Nftables => assert!(
+            o[0].reply().is_none(),
+            "nftables mode defaults to nodePortAddresses=primary: {secondary}:{np} must not be served, got {}",
+            o[0]
+        ),
+        Mode::Iptables => assert!(
+            o[0].reply().is_some(),
+            "iptables mode serves NodePorts on every local address: {secondary}:{np} got {}",
+            o[0]
+        ),
+    }
+    drop(daemon);
+}
+
+both_modes!(kubeadm_dropin);
+
+// ---------------------------------------------------------------------------------
+// Switching modes: rules the other mode left behind (as kube-proxy leaves them) are
+// removed, and traffic follows only the new mode's rules. `mode` is the new mode.
+
+fn mode_switch(mode: Mode) {
+    let old = match mode {
+        Mode::Iptables => Mode::Nftables,
+        Mode::Nftables => Mode::Iptables,
+    };
+    let bed = Bed::builder(mode).local_pods(&["pod-a", "pod-b"]).build();
+    let (gone, web) = (service_ip(61, false), service_ip(62, false));
+    let before = bed
+        .snapshot()
+        .service(
+            Service::new("gone", gone, PORT, ECHO_PORT).endpoints(vec![bed.ep("pod-a", false)]),
+        )
+        .service(Service::new("web", web, PORT, ECHO_PORT).endpoints(vec![bed.ep("pod-a", false)]));
+    bed.try_apply_in(old, &before, &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = bed.expect_reply(From::Node, Proto::Tcp, addr(gone, PORT));
+    assert_eq!(got.server, "pod-a", "{} rules in place", old.as_str());
+
+    // The Service "gone" is deleted and "web" moves to pod-b; applied in the new mode.
+    let after = bed
+        .snapshot()
+        .service(Service::new("web", web, PORT, ECHO_PORT).endpoints(vec![bed.ep("pod-b", false)]));
+    bed.apply(&after);
+    match old {
+        Mode::Iptables => {
+            for save in ["iptables-nft-save", "iptables-legacy-save"] {
+                let dump = bed
+                    .node_sh(&format!("{save} 2>/dev/null || true"))
+                    .unwrap_or_default();
+                let stale: Vec<&str> = dump
+                    .lines()
+                    .filter(|l| l.contains("KUBE-"))
+                    .filter(|l| !l.contains("KUBE-FIREWALL") && !l.contains("KUBE-KUBELET-CANARY"))
+                    .collect();
+                assert!(
+                    stale.is_empty(),
+                    "{save} still has kube-proxy rules:\n{}",
+                    stale.join("\n")
+                );
+            }
+        }
+        Mode::Nftables => {
+            let tables = bed.node_sh("nft list tables").unwrap_or_default();
+            assert!(
+                !tables.contains("kube-proxy"),
+                "kube-proxy nftables table left:\n{tables}"
+            );
+        }
+    }
+    let o = bed.exchanges(From::Node, Proto::Tcp, addr(gone, PORT), 1, ANSWER_TIMEOUT);
+    assert!(
+        o[0].reply().is_none(),
+        "deleted Service {gone} still answered through stale {} rules: {}",
+        old.as_str(),
+        o[0]
+    );
+    let outcomes = bed.exchanges(From::Node, Proto::Tcp, addr(web, PORT), 10, ANSWER_TIMEOUT);
+    assert_eq!(
+        servers(&outcomes),
+        names(&["pod-b"]),
+        "web must follow only the new rules: {:?}",
+        tally(&outcomes)
+    );
+}
+
+both_modes!(mode_switch);

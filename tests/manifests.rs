@@ -115,7 +115,9 @@ fn common(overlay: &str, docs: &[Value]) -> Value {
         "{overlay}"
     );
     let cmd = strings(&c["command"]);
-    assert_eq!(cmd[..2], ["/usr/local/bin/kproxy", "run"], "{overlay}");
+    // No subcommand: the daemon with kube-proxy's command line.
+    assert_eq!(cmd[0], "/usr/local/bin/kproxy", "{overlay}");
+    assert!(cmd[1].starts_with("--"), "{overlay}: {cmd:?}");
     assert!(
         cmd.iter().any(|a| a.starts_with("--kubeconfig=")),
         "{overlay}"
@@ -191,6 +193,11 @@ fn iptables_overlay() {
     let cfg = own_config("iptables", &docs);
     assert_eq!(cfg.mode, kproxy::config::Mode::Iptables);
     assert!(!strings(&c["command"]).contains(&"--shadow".to_string()));
+    // The sysctls: upstream's --init-only, in the one privileged (init) container.
+    let ds = one(&docs, "DaemonSet");
+    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
+    assert!(strings(&init["command"]).contains(&"--init-only".to_string()));
+    assert_eq!(init["securityContext"]["privileged"], true);
 }
 
 #[test]
@@ -201,7 +208,7 @@ fn nftables_overlay() {
     common("nftables", &docs);
     let cfg = own_config("nftables", &docs);
     assert_eq!(cfg.mode, kproxy::config::Mode::Nftables);
-    assert_eq!(cfg.healthz_bind_address.port(), 10256);
+    assert_eq!(cfg.healthz_bind_address.unwrap().port(), 10256);
 }
 
 fn assert_shadow(overlay: &str, docs: &[Value], c: &Value) {
@@ -375,6 +382,6 @@ fn kubeadm_kube_proxy_config_is_accepted() {
         .unwrap_or_else(|e| panic!("kubeadm's kube-proxy config refused: {e}"));
     // Zero values take upstream's defaults.
     assert_eq!(cfg.sync_period, std::time::Duration::from_secs(30));
-    assert_eq!(cfg.healthz_bind_address.port(), 10256);
+    assert_eq!(cfg.healthz_bind_address.unwrap().port(), 10256);
     assert_eq!(cfg.cluster_cidrs.len(), 1);
 }

@@ -262,14 +262,13 @@ fn takeover_and_resync_match_a_fresh_full_sync() {
         // Applied in small batches at the renderer's cut points, as a large take-over
         // or full resync is: every batch must be accepted and the end state must be
         // the same as one atomic batch (and as a fresh table).
-        let (main, out) = out.take_main();
-        let parts = main.split_at(5, &out.cuts);
+        let parts = out.main.split(5);
         assert!(parts.len() >= 3, "{} batches", parts.len());
         for part in parts {
             nl.apply(&part).unwrap();
         }
         let flushed = out.flushed_stale.clone();
-        r.commit(out);
+        r.commit(out.record);
         // A later sync deletes the chains this one emptied.
         let later = r.render(
             &ps2a,

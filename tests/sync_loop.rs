@@ -218,3 +218,90 @@ fn stop_ends_the_loop_promptly() {
     h.thread.take().unwrap().join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(1));
 }
+
+/// The loop driving the real nftables dataplane over the in-memory nftables: the first
+/// sync builds the table, a change is a partial sync, a refused batch is retried as a
+/// full sync, and the table always ends as a fresh full sync would build it.
+#[test]
+fn the_loop_drives_the_nftables_dataplane_over_the_fake() {
+    use kproxy::config::Config;
+    use kproxy::model::NodeContext;
+    use kproxy::nftables::dataplane::NftDataplane;
+    use kproxy::nftables::fake::{Fake, FakeNft};
+    use kproxy::nftables::render::{NftRenderer, RenderOptions, TABLE};
+    use kproxy::nftables::text::normalize;
+    use kproxy::nftables::transaction::{Family, Op};
+
+    let shared = Arc::new(Shared::new(
+        &[IpFamily::V4],
+        Health::new(&[IpFamily::V4], Duration::from_secs(30)),
+        Metrics::new(),
+    ));
+    *shared.state.lock().unwrap() = synthetic::cluster(3, 2);
+    shared.mark_listed();
+    let settings = Config::default().family_settings(IpFamily::V4, "node-1", None, &[]);
+    let nft = FakeNft::new();
+    let planes: Vec<Box<dyn Dataplane>> = vec![Box::new(NftDataplane::with_interface(
+        settings.clone(),
+        nft.clone(),
+    ))];
+    let loop_settings = LoopSettings {
+        node_name: "node-1".into(),
+        prefer_same_node: false,
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(30),
+        full_sync_period: Duration::from_secs(3600),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+        std::thread::spawn(move || SyncLoop::new(loop_settings, planes).run(&shared, &stop))
+    };
+    let fresh = |services: usize| {
+        let node = NodeContext {
+            name: "node-1".into(),
+            zone: None,
+            prefer_same_node: false,
+        };
+        let ps = synthetic::cluster(services, 2).proxy_state(IpFamily::V4, &node);
+        let mut fake = Fake::new();
+        let r = NftRenderer::new(settings.clone()).render(&ps, &RenderOptions::default());
+        fake.apply(&r.main).unwrap();
+        normalize(&fake.dump())
+    };
+    let table = || normalize(&nft.table(Family::Ip, TABLE).dump());
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let full = |tx: &kproxy::nftables::transaction::Transaction| {
+        tx.ops.iter().any(|op| matches!(op, Op::AddTable { .. }))
+    };
+
+    wait_for("the first sync", &|| table() == fresh(3));
+    assert!(full(&nft.applied()[0]), "the first sync is full");
+
+    *shared.state.lock().unwrap() = synthetic::cluster(4, 2);
+    shared.changed();
+    wait_for("a partial sync", &|| table() == fresh(4));
+    assert!(
+        !full(nft.applied().last().unwrap()),
+        "a change is a partial sync"
+    );
+
+    nft.fail_next(1);
+    *shared.state.lock().unwrap() = synthetic::cluster(5, 2);
+    shared.changed();
+    wait_for("the retry", &|| table() == fresh(5));
+    assert!(full(nft.applied().last().unwrap()), "the retry is full");
+
+    stop.store(true, Ordering::SeqCst);
+    shared.wake.notify_all();
+    thread.join().unwrap();
+}

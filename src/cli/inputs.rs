@@ -7,7 +7,7 @@ use clap::Args;
 use ipnet::IpNet;
 
 use super::CliError;
-use crate::config::{Config, FamilySettings, Mode};
+use crate::config::{self, flags, Config, FamilySettings};
 use crate::model::ip::parse_ip_sloppy;
 use crate::model::{ClusterState, IpFamily, NodeContext};
 use crate::snapshot;
@@ -70,26 +70,8 @@ pub struct Inputs {
 impl Inputs {
     /// Reads and validates everything; errors are exit-2 usage errors.
     pub fn load(args: &InputArgs) -> Result<Inputs, CliError> {
-        let mut config = match &args.config {
-            Some(p) => Config::from_file(p).map_err(|e| CliError::usage(e.to_string()))?,
-            None => Config::default(),
-        };
+        let config = args.config_settings()?;
         let mut problems = Vec::new();
-        if let Some(m) = &args.mode {
-            match Mode::parse(m) {
-                Some(mode) => config.mode = mode,
-                None => problems.push(format!("--mode {m:?} is not iptables or nftables")),
-            }
-        }
-        if let Some(c) = &args.cluster_cidr {
-            config.set_cluster_cidrs(c, &mut problems);
-        }
-        if args.masquerade_all {
-            config.masquerade_all = true;
-        }
-        if !args.nodeport_addresses.is_empty() {
-            config.nodeport_addresses = args.nodeport_addresses.clone();
-        }
         let only_family = match args.ip_family.as_deref() {
             None => None,
             Some("ipv4") | Some("IPv4") | Some("4") => Some(IpFamily::V4),
@@ -130,19 +112,14 @@ impl Inputs {
                 (n, r)
             }
         };
-        if let Err(e) = config.validate() {
-            problems.push(e.to_string());
-        }
         if !problems.is_empty() {
             return Err(CliError::usage(problems.join("; ")));
         }
 
         let mut snap =
             snapshot::load_path(&args.snapshot).map_err(|e| CliError::usage(e.to_string()))?;
-        let wanted = args
-            .hostname_override
-            .clone()
-            .or_else(|| config.hostname_override.clone());
+        // The merge put --hostname-override over the file's, lower-cased.
+        let wanted = config.hostname_override.clone();
         let node_name = match snap.select_node(wanted.as_deref()) {
             Some(name) => name,
             None => wanted.unwrap_or_else(system_hostname),
@@ -187,9 +164,44 @@ impl Inputs {
     }
 }
 
-/// The kernel's hostname, lower-cased as upstream does; "" if unreadable.
-pub fn system_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_lowercase())
-        .unwrap_or_default()
+pub use crate::host::system_hostname;
+
+impl InputArgs {
+    /// The configuration: `--config` (upstream's file), then these flags over it,
+    /// through the one merge every command uses ([`config::resolve`]).
+    pub fn config_settings(&self) -> Result<Config, CliError> {
+        let mut given: Vec<(&'static flags::FlagSpec, String)> = Vec::new();
+        let mut push = |name: &str, value: String| {
+            if let Some(spec) = flags::lookup(name) {
+                given.push((spec, value));
+            }
+        };
+        if let Some(m) = &self.mode {
+            push("proxy-mode", m.clone());
+        }
+        if let Some(c) = &self.cluster_cidr {
+            push("cluster-cidr", c.clone());
+        }
+        if self.masquerade_all {
+            push("masquerade-all", "true".into());
+        }
+        for a in &self.nodeport_addresses {
+            push("nodeport-addresses", a.clone());
+        }
+        if let Some(h) = &self.hostname_override {
+            push("hostname-override", h.clone());
+        }
+        let resolved = config::resolve(&config::Sources {
+            file: self.config.as_deref(),
+            flags: &given,
+            precedence: config::Precedence::FlagsOverFile,
+            healthz_port: None,
+            metrics_port: None,
+        })
+        .map_err(|e| CliError::usage(e.to_string()))?;
+        for note in &resolved.notes {
+            tracing::warn!("{note}");
+        }
+        Ok(resolved.config)
+    }
 }

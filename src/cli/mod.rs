@@ -2,8 +2,10 @@
 //! one-shot commands built on them. `main.rs` only dispatches.
 
 pub mod apply;
+pub mod daemon;
 pub mod diff;
 pub mod inputs;
+pub mod logging;
 pub mod render;
 pub mod trace;
 

@@ -12,70 +12,13 @@ pub mod sync;
 pub mod watch;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use clap::Args;
-
-use crate::config::{Config, Mode, NodePortAddresses};
-use crate::dataplane::Dataplane;
-use crate::iptables::apply::{detect_backend, Binaries, RealExec};
-use crate::iptables::dataplane::IptablesDataplane;
+use crate::config::{Config, FamilySettings, Mode, NodePortAddresses};
+use crate::host::Host;
 use crate::model::{ClusterState, IpFamily, ProxyState};
-use crate::nftables::dataplane::NftDataplane;
-
-/// `kproxy run` flags (upstream kube-proxy's names).
-#[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    /// KubeProxyConfiguration file.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// kubeconfig (default: in-cluster, then $KUBECONFIG / ~/.kube/config).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
-    /// API server address, overriding the kubeconfig's.
-    #[arg(long)]
-    pub master: Option<String>,
-    /// This node's name.
-    #[arg(long)]
-    pub hostname_override: Option<String>,
-    /// iptables or nftables.
-    #[arg(long)]
-    pub proxy_mode: Option<String>,
-    /// Pod network CIDR(s).
-    #[arg(long)]
-    pub cluster_cidr: Option<String>,
-    /// Masquerade all service traffic.
-    #[arg(long)]
-    pub masquerade_all: bool,
-    /// NodePort addresses (CIDRs or `primary`).
-    #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<String>,
-    /// /healthz and /livez address.
-    #[arg(long)]
-    pub healthz_bind_address: Option<String>,
-    /// /metrics address.
-    #[arg(long)]
-    pub metrics_bind_address: Option<String>,
-    /// Minimum time between syncs (e.g. 1s, 0s).
-    #[arg(
-        long,
-        alias = "iptables-min-sync-period",
-        alias = "nftables-min-sync-period"
-    )]
-    pub min_sync_period: Option<String>,
-    /// Retry interval after a failed sync.
-    #[arg(long, alias = "iptables-sync-period", alias = "nftables-sync-period")]
-    pub sync_period: Option<String>,
-    /// Remove kproxy's rules and exit.
-    #[arg(long)]
-    pub cleanup: bool,
-    /// Shadow mode: never write rules; compare would-be syncs with the live rules
-    /// (healthz/metrics ports default to 10266/10269).
-    #[arg(long, env = "KPROXY_SHADOW")]
-    pub shadow: bool,
-}
 
 /// What the watchers share with the sync loop.
 pub struct Shared {
@@ -167,134 +110,131 @@ impl Shared {
     }
 }
 
-fn build_config(args: &RunArgs) -> Result<Config, String> {
-    let mut cfg = match &args.config {
-        Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
-        None => Config::default(),
+/// Why the daemon stopped (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The async runtime could not start.
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// No usable API server client.
+    #[error("{0}")]
+    Client(String),
+    /// A server could not bind and bindAddressHardFail is set.
+    #[error("{what} server on {addr}: {source}")]
+    Bind {
+        /// healthz or metrics.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--write-config-to` failed.
+    #[error("writing the configuration to {path}: {source}")]
+    WriteConfig {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration could not be serialised.
+    #[error("encoding the configuration: {0}")]
+    Encode(#[source] serde_yaml_ng::Error),
+    /// `--cleanup` failed.
+    #[error("cleanup: {0}")]
+    Cleanup(String),
+}
+
+/// Writes the effective configuration as upstream's v1alpha1 YAML
+/// (`--write-config-to`).
+pub fn write_config(cfg: &Config, path: &Path) -> Result<(), DaemonError> {
+    let yaml = cfg.document.to_yaml().map_err(DaemonError::Encode)?;
+    std::fs::write(path, yaml).map_err(|source| DaemonError::WriteConfig {
+        path: path.display().to_string(),
+        source,
+    })?;
+    tracing::info!(file = %path.display(), "Wrote configuration");
+    Ok(())
+}
+
+/// The privileged start-up work (`--init-only` stops after it): conntrack sysctls, and
+/// route_localnet for localhost NodePorts in iptables mode.
+pub fn init_host(cfg: &Config) {
+    crate::sysctl::tune_conntrack(&cfg.conntrack);
+    if cfg.mode == Mode::Iptables && cfg.localhost_nodeports {
+        crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
+    }
+}
+
+/// Sets this process's oom_score_adj (upstream: -999 by default); a failure is logged.
+fn apply_oom_score_adj(value: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", value.to_string()) {
+        Ok(()) => tracing::debug!(value, "oom_score_adj set"),
+        Err(e) => tracing::warn!(value, error = %e, "could not set oom_score_adj"),
+    }
+}
+
+/// Binds a server; a failure is fatal only with bindAddressHardFail, as upstream.
+fn bind_or_warn<T>(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+    hard_fail: bool,
+    start: impl FnOnce(SocketAddr) -> std::io::Result<T>,
+) -> Result<Option<T>, DaemonError> {
+    let Some(addr) = addr else {
+        tracing::info!("{what} server disabled");
+        return Ok(None);
     };
-    let mut problems = Vec::new();
-    if let Some(m) = &args.proxy_mode {
-        match Mode::parse(m) {
-            Some(mode) => cfg.mode = mode,
-            None => problems.push(format!("--proxy-mode {m:?} is not iptables or nftables")),
+    match start(addr) {
+        Ok(server) => Ok(Some(server)),
+        Err(source) if hard_fail => Err(DaemonError::Bind { what, addr, source }),
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "failed to start the {what} server; continuing (bindAddressHardFail is false)");
+            Ok(None)
         }
-    }
-    if let Some(c) = &args.cluster_cidr {
-        cfg.set_cluster_cidrs(c, &mut problems);
-    }
-    cfg.masquerade_all |= args.masquerade_all;
-    if !args.nodeport_addresses.is_empty() {
-        cfg.nodeport_addresses = args.nodeport_addresses.clone();
-    }
-    if let Some(h) = &args.hostname_override {
-        cfg.hostname_override = Some(h.clone());
-    }
-    for (flag, val, slot) in [
-        (
-            "--healthz-bind-address",
-            &args.healthz_bind_address,
-            &mut cfg.healthz_bind_address,
-        ),
-        (
-            "--metrics-bind-address",
-            &args.metrics_bind_address,
-            &mut cfg.metrics_bind_address,
-        ),
-    ] {
-        if let Some(v) = val {
-            match v.parse::<SocketAddr>() {
-                Ok(a) => *slot = a,
-                Err(_) => problems.push(format!("{flag} {v:?} is not IP:port")),
-            }
-        }
-    }
-    for (flag, val, slot) in [
-        (
-            "--min-sync-period",
-            &args.min_sync_period,
-            &mut cfg.min_sync_period,
-        ),
-        ("--sync-period", &args.sync_period, &mut cfg.sync_period),
-    ] {
-        if let Some(v) = val {
-            match crate::config::parse_duration(v) {
-                Some(d) => *slot = d,
-                None => problems.push(format!("{flag} {v:?} is not a duration")),
-            }
-        }
-    }
-    if let Some(k) = &args.kubeconfig {
-        cfg.kubeconfig = Some(k.display().to_string());
-    }
-    if let Err(e) = cfg.validate() {
-        problems.push(e.to_string());
-    }
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(format!("invalid configuration: {}", problems.join("; ")))
     }
 }
 
-/// The node's interface addresses (for nodePortAddresses), read from the kernel.
-fn local_addresses() -> Vec<ipnet::IpNet> {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output();
-    let Ok(out) = out else { return Vec::new() };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            while let Some(t) = w.next() {
-                if t == "inet" || t == "inet6" {
-                    return w.next()?.parse().ok();
-                }
-            }
-            None
-        })
-        .collect()
-}
-
-/// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(args: &RunArgs) -> Result<(), String> {
-    let mut cfg = build_config(args)?;
-    if args.shadow {
-        let (h, m) = (
-            args.healthz_bind_address.is_some(),
-            args.metrics_bind_address.is_some(),
-        );
-        shadow::shadow_ports(&mut cfg, h, m);
-    }
-    if args.cleanup {
-        let c = crate::cli::apply::CleanupArgs { mode: None };
-        return crate::cli::apply::run_cleanup(&c).map_err(|e| e.to_string());
-    }
-    if !args.shadow {
-        crate::sysctl::tune_conntrack(&cfg.conntrack);
+/// Runs the daemon until SIGTERM/SIGINT. `cfg` comes from the one merge of flags
+/// over the config file (`config::resolve`); `master` is `--master`.
+/// With `shadow`, nothing on the node is written (no rules, sysctls, conntrack
+/// entries or health-check ports): see [`shadow`].
+pub fn run(cfg: &Config, master: Option<&str>, shadow: bool) -> Result<(), DaemonError> {
+    apply_oom_score_adj(cfg.oom_score_adj);
+    if !shadow {
+        init_host(cfg);
     }
     let node_name = cfg
         .hostname_override
         .clone()
-        .unwrap_or_else(crate::cli::inputs::system_hostname);
+        .unwrap_or_else(crate::host::system_hostname);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("starting runtime: {e}"))?;
-    let client = rt.block_on(watch::client(&cfg, args.master.as_deref()))?;
+        .map_err(DaemonError::Runtime)?;
+    let client = rt
+        .block_on(watch::client(cfg, master))
+        .map_err(DaemonError::Client)?;
 
+    let host = Host::probe();
+    // Upstream's platformCleanup: the other mode's rules must not keep routing.
+    if !shadow {
+        host.remove_other_mode_leftovers(cfg.mode);
+    }
     // Dual stack when the node has addresses of both families (upstream's
     // meta-proxier): one dataplane per family.
-    let addrs = local_addresses();
-    let families = node_families(&addrs);
+    let families = host.families();
     tracing::info!(
         mode = cfg.mode.as_str(),
+        node = %node_name,
         families = ?families.iter().map(|f| f.label()).collect::<Vec<_>>(),
         "starting"
     );
     let metrics = metrics::Metrics::new();
-    metrics.set_configz(configz::body(&cfg));
+    metrics.set_configz(configz::body(cfg));
     let health = health::Health::new(&families, cfg.sync_period).with_metrics(metrics.clone());
     // Not eligible for load-balancer traffic until this node's Node object is seen.
     health.set_node_eligible(false);
@@ -304,10 +244,13 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .set_lb_ip_mode_gate(cfg.feature_gate("LoadBalancerIPMode"));
-    let _healthz = health::serve_healthz(cfg.healthz_bind_address, health.clone())
-        .map_err(|e| format!("healthz on {}: {e}", cfg.healthz_bind_address))?;
-    let _metrics = metrics::serve(cfg.metrics_bind_address, shared.metrics.clone(), cfg.mode)
-        .map_err(|e| format!("metrics on {}: {e}", cfg.metrics_bind_address))?;
+    let hard = cfg.bind_address_hard_fail;
+    let _healthz = bind_or_warn("healthz", cfg.healthz_bind_address, hard, |a| {
+        health::serve_healthz(a, health.clone())
+    })?;
+    let _metrics = bind_or_warn("metrics", cfg.metrics_bind_address, hard, |a| {
+        metrics::serve(a, shared.metrics.clone(), cfg.mode)
+    })?;
     watch::spawn_all(&rt, client, Arc::clone(&shared), node_name.clone());
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -337,20 +280,19 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     };
     let factory_cfg = cfg.clone();
     let factory_shared = Arc::clone(&shared);
-    let shadow = args.shadow;
     sync::SyncLoop::deferred(
         settings,
         Box::new(move |state: &ClusterState| {
             if shadow {
                 let m = &factory_shared.metrics;
-                return shadow::build_planes(&factory_cfg, &node_name, state, &families, &addrs, m);
+                return shadow::build_planes(&factory_cfg, &host, &node_name, state, &families, m);
             }
             build_planes(
                 &factory_cfg,
+                &host,
                 &node_name,
                 state,
                 &families,
-                &addrs,
                 &factory_shared,
             )
         }),
@@ -366,75 +308,32 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The IP families this node serves: IPv4 always (upstream's default primary family),
-/// IPv6 too when the node has a global IPv6 address.
-pub fn node_families(addrs: &[ipnet::IpNet]) -> Vec<IpFamily> {
-    let mut families = vec![IpFamily::V4];
-    if addrs.iter().any(|a| {
-        let ip = a.addr();
-        IpFamily::V6.contains(&ip) && !ip.is_loopback() && !is_link_local(&ip)
-    }) {
-        families.push(IpFamily::V6);
-    }
-    families
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        IpAddr::V4(v4) => v4.is_link_local(),
-    }
-}
-
-/// One dataplane per family in the configured mode, plus the health-check node port
-/// servers (bound to the first IPv4 NodePort address, as upstream).
+/// One dataplane per family in the configured mode (built by [`Host`]), plus the
+/// health-check node port servers (bound to the first IPv4 NodePort address, as
+/// upstream).
 fn build_planes(
     cfg: &Config,
+    host: &Host,
     node_name: &str,
     state: &ClusterState,
     families: &[IpFamily],
-    addrs: &[ipnet::IpNet],
     shared: &Arc<Shared>,
 ) -> sync::Planes {
     let node_info = state.node().cloned();
-    let backend = (cfg.mode == Mode::Iptables).then(|| detect_backend(&RealExec));
-    let mut dataplanes: Vec<Box<dyn Dataplane>> = Vec::new();
-    let mut hc_bind = IpAddr::from([0, 0, 0, 0]);
-    for f in families {
-        let mut s = cfg.family_settings(*f, node_name, node_info.as_ref(), addrs);
-        // nfacct objects are not created by kproxy (no metrics read them yet).
-        s.nfacct_invalid = false;
-        s.nfacct_localhost = false;
-        if *f == IpFamily::V4 {
-            if let NodePortAddresses::Ips(ips) = &s.nodeport_addresses {
-                if let Some(ip) = ips.first() {
-                    hc_bind = *ip;
-                }
-            }
-        }
-        let dp: Box<dyn Dataplane> = match (cfg.mode, backend) {
-            (Mode::Iptables, Some(backend)) => {
-                if *f == IpFamily::V4 && s.localhost_nodeports {
-                    crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
-                }
-                tracing::info!(
-                    family = f.label(),
-                    backend = ?backend,
-                    "iptables backend"
-                );
-                Box::new(IptablesDataplane::new(
-                    s,
-                    Box::new(RealExec),
-                    Binaries::new(*f, backend),
-                    cfg.sync_period,
-                ))
-            }
-            _ => Box::new(NftDataplane::new(s)),
-        };
-        dataplanes.push(dp);
-    }
+    let settings: Vec<FamilySettings> = families
+        .iter()
+        .map(|f| host.family_settings(cfg, *f, node_name, node_info.as_ref()))
+        .collect();
+    let hc_bind = settings
+        .iter()
+        .find(|s| s.family == IpFamily::V4)
+        .and_then(|s| match &s.nodeport_addresses {
+            NodePortAddresses::Ips(ips) => ips.first().copied(),
+            NodePortAddresses::All => None,
+        })
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     sync::Planes {
-        dataplanes,
+        dataplanes: host.dataplanes(cfg, settings),
         service_health: Some(health::ServiceHealth::new(shared.health.clone(), hc_bind)),
     }
 }

@@ -55,6 +55,11 @@ impl ShadowReports {
     }
 }
 
+/// Why a shadow comparison failed (reading either side, or the scratch namespace).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ShadowFailure(String);
+
 /// A dataplane that renders and compares instead of applying.
 pub struct ShadowDataplane {
     inner: Box<dyn Dataplane>,
@@ -92,7 +97,7 @@ impl ShadowDataplane {
             family: self.family.label(),
             what: "shadow comparison",
             partial: false,
-            message: e.to_string(),
+            source: Arc::new(ShadowFailure(e.to_string())),
         }
     }
 
@@ -172,10 +177,10 @@ impl Dataplane for ShadowDataplane {
 /// out: a shadow must never fall back to writing the node's rules.
 pub fn build_planes(
     cfg: &crate::config::Config,
+    host: &crate::host::Host,
     node_name: &str,
     state: &crate::model::ClusterState,
     families: &[IpFamily],
-    addrs: &[ipnet::IpNet],
     metrics: &Metrics,
 ) -> super::sync::Planes {
     let node_info = state.node().cloned();
@@ -186,10 +191,8 @@ pub fn build_planes(
     let reports = ShadowReports::new(cfg.mode, metrics.clone());
     let mut dataplanes: Vec<Box<dyn Dataplane>> = Vec::new();
     for f in families {
-        let mut s = cfg.family_settings(*f, node_name, node_info.as_ref(), addrs);
-        // As the daemon proper: kproxy creates no nfacct counters.
-        s.nfacct_invalid = false;
-        s.nfacct_localhost = false;
+        // The host's view (addresses, tcp_be_liberal, no nfacct), as the daemon proper.
+        let s = host.family_settings(cfg, *f, node_name, node_info.as_ref());
         match ShadowDataplane::new(cfg.mode, s, backend, cfg.sync_period, reports.clone()) {
             Ok(dp) => dataplanes.push(Box::new(dp)),
             Err(e) => {
@@ -204,12 +207,19 @@ pub fn build_planes(
 }
 
 /// Moves the health and metrics ports off kube-proxy's unless given on the command line
-/// (a kube-proxy configuration file names kube-proxy's own).
+/// (a kube-proxy configuration file names kube-proxy's own); the effective document
+/// (`/configz`, `--write-config-to`) follows.
 pub fn shadow_ports(cfg: &mut crate::config::Config, healthz_flag: bool, metrics_flag: bool) {
     if !healthz_flag {
-        cfg.healthz_bind_address.set_port(HEALTHZ_PORT);
+        if let Some(a) = cfg.healthz_bind_address.as_mut() {
+            a.set_port(HEALTHZ_PORT);
+            cfg.document.healthz_bind_address = Some(a.to_string());
+        }
     }
     if !metrics_flag {
-        cfg.metrics_bind_address.set_port(METRICS_PORT);
+        if let Some(a) = cfg.metrics_bind_address.as_mut() {
+            a.set_port(METRICS_PORT);
+            cfg.document.metrics_bind_address = Some(a.to_string());
+        }
     }
 }

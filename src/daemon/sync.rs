@@ -221,8 +221,10 @@ impl SyncLoop {
                     Ok(outcome) => {
                         shared.health.updated(family);
                         shared.metrics.synced(family, outcome.full, took);
-                        for (table, total, last) in &outcome.iptables_rules {
-                            shared.metrics.iptables_rules(family, table, *total, *last);
+                        for t in &outcome.iptables_rules {
+                            shared
+                                .metrics
+                                .iptables_rules(family, t.table, t.total, t.written);
                         }
                         if outcome.cleanup_failed {
                             shared.metrics.nft_cleanup_failed(family);

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::config::{FamilySettings, Mode};
-use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
+use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome, TableRules};
 use crate::model::{IpFamily, ProxyState};
 
 use super::apply::{ApplyError, Binaries, Exec, Iptables};
@@ -137,14 +137,8 @@ impl IptablesDataplane {
 }
 
 impl IptablesDataplane {
-    fn error(&self, partial: bool, e: &ApplyError) -> DataplaneError {
-        DataplaneError {
-            mode: Mode::Iptables.as_str(),
-            family: self.renderer.settings().family.label(),
-            what: if partial { "partial sync" } else { "full sync" },
-            partial,
-            message: e.to_string(),
-        }
+    fn error(&self, partial: bool, e: ApplyError) -> DataplaneError {
+        DataplaneError::sync_failed(Mode::Iptables, self.renderer.settings().family, partial, e)
     }
 }
 
@@ -164,12 +158,20 @@ impl Dataplane for IptablesDataplane {
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError> {
         let partial = !(full || self.renderer.needs_full_sync());
         let report =
-            IptablesDataplane::sync(self, state, full).map_err(|e| self.error(partial, &e))?;
+            IptablesDataplane::sync(self, state, full).map_err(|e| self.error(partial, e))?;
         Ok(SyncOutcome {
             full: report.full,
             iptables_rules: vec![
-                ("filter", report.filter_rules, report.filter_rules),
-                ("nat", report.nat_rules_total, report.nat_rules),
+                TableRules {
+                    table: "filter",
+                    total: report.filter_rules,
+                    written: report.filter_rules,
+                },
+                TableRules {
+                    table: "nat",
+                    total: report.nat_rules_total,
+                    written: report.nat_rules,
+                },
             ],
             operations: report.filter_rules + report.nat_rules + report.deleted_chains,
             services_written: report.services_written,
@@ -186,9 +188,8 @@ impl Dataplane for IptablesDataplane {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let result = self.iptables().cleanup();
         self.renderer.invalidate();
-        result.map_err(|e| DataplaneError {
-            what: "cleanup",
-            ..self.error(false, &e)
+        result.map_err(|e| {
+            DataplaneError::cleanup_failed(Mode::Iptables, self.renderer.settings().family, e)
         })
     }
 }

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
-use crate::model::{IpFamily, ObjectKey, PortPlan, ProxyState};
+use crate::model::{IpFamily, ObjectKey, PortFlags, PortPlan, ProxyState};
 
 use super::names::{endpoint_chain, is_service_chain, PortChains};
 
@@ -439,7 +439,7 @@ impl<'s> Writer<'s> {
         let svc = &port.svc;
         let spn = svc.name.to_string();
         let proto = svc.name.protocol.lower();
-        let f = Flags::of(port);
+        let f = PortFlags::of(port).for_iptables();
 
         let (int_target, ext_target, why) = if !f.has_endpoints {
             ("REJECT", "REJECT", "has no endpoints")
@@ -573,7 +573,7 @@ impl<'s> Writer<'s> {
         let svc = &port.svc;
         let spn = svc.name.to_string();
         let proto = svc.name.protocol.lower();
-        let f = Flags::of(port);
+        let f = PortFlags::of(port).for_iptables();
         // Endpoint chain names, hashed once per endpoint (cluster and local endpoints are
         // subsets of the reachable ones).
         let mut seps: Vec<Option<String>> = vec![None; port.endpoints.len()];
@@ -883,35 +883,6 @@ impl<'s> Writer<'s> {
             no_local_external: self.no_local_external,
             services_written: self.services_written,
             next,
-        }
-    }
-}
-
-/// Upstream's per-port booleans (§6).
-struct Flags {
-    has_endpoints: bool,
-    has_internal: bool,
-    has_external: bool,
-    uses_cluster_chain: bool,
-    uses_local_chain: bool,
-    uses_ext: bool,
-    uses_fw: bool,
-}
-
-impl Flags {
-    fn of(port: &PortPlan) -> Flags {
-        let svc = &port.svc;
-        let sel = &port.selection;
-        let has_endpoints = sel.has_any;
-        let local_empty = sel.local.is_empty();
-        Flags {
-            has_endpoints,
-            has_internal: has_endpoints && !(svc.internal_policy_local && local_empty),
-            has_external: has_endpoints && !(svc.external_policy_local && local_empty),
-            uses_cluster_chain: !sel.cluster.is_empty() && svc.uses_cluster_endpoints(),
-            uses_local_chain: !local_empty && svc.uses_local_endpoints(),
-            uses_ext: has_endpoints && svc.externally_accessible(),
-            uses_fw: has_endpoints && !svc.lb_ips.is_empty() && !svc.source_ranges.is_empty(),
         }
     }
 }

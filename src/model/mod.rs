@@ -6,6 +6,7 @@
 
 pub mod from_k8s;
 pub mod ip;
+mod port_flags;
 pub mod select;
 mod state;
 pub mod synthetic;
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub use port_flags::PortFlags;
 pub use select::Selection;
 pub use state::{group_by_service, ClusterState, NodeContext, PortPlan, ProxyState};
 

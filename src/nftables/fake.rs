@@ -3,7 +3,10 @@
 //! checking that incremental syncs converge to what a full sync builds.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use super::existing::{Existing, MANAGED_SETS};
+use super::interface::NftInterface;
 use super::text::{element_body, op_line, rule_body};
 use super::transaction::{Chain, Element, Expr, Family, Op, Rule, Set, Transaction, Verdict};
 
@@ -77,6 +80,23 @@ impl Fake {
             .get(chain)
             .map(|c| c.rules.clone())
             .unwrap_or_default()
+    }
+
+    /// The table as the kernel would report it on read-back (`None` when absent).
+    pub fn existing(&self) -> Option<Existing> {
+        if !self.exists {
+            return None;
+        }
+        let elements = MANAGED_SETS
+            .iter()
+            .flat_map(|set| self.elements(set))
+            .map(|e| Element { comment: None, ..e })
+            .collect();
+        Some(Existing {
+            chains: self.chains.keys().cloned().collect(),
+            sets: self.sets.keys().cloned().collect(),
+            elements,
+        })
     }
 
     /// Applies a transaction atomically.
@@ -284,5 +304,155 @@ impl Fake {
             }
         }
         out
+    }
+}
+
+/// What a [`FakeNft`] holds: its tables, and failures to inject.
+#[derive(Debug, Default)]
+struct FakeNftState {
+    tables: BTreeMap<(&'static str, String), Fake>,
+    fail_next: usize,
+    applied: Vec<Transaction>,
+}
+
+/// Why a [`FakeNft`] call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FakeNftError {
+    /// The transaction was refused; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] FakeError),
+    /// A failure injected by [`FakeNft::fail_next`].
+    #[error("injected failure")]
+    Injected,
+}
+
+/// An in-memory nftables with any number of tables, implementing [`NftInterface`]
+/// like the kernel does. Clones share the same tables, so a test keeps one handle
+/// while a dataplane owns another.
+#[derive(Debug, Clone, Default)]
+pub struct FakeNft {
+    state: Arc<Mutex<FakeNftState>>,
+}
+
+impl FakeNft {
+    /// An nftables with no tables.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeNftState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes the next `n` applies fail (changing nothing).
+    pub fn fail_next(&self, n: usize) {
+        self.with(|s| s.fail_next = n);
+    }
+
+    /// A copy of one table (empty and absent when it does not exist).
+    pub fn table(&self, family: Family, name: &str) -> Fake {
+        self.with(|s| {
+            s.tables
+                .get(&(family.as_str(), name.to_string()))
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+
+    /// Every transaction applied successfully so far, in order.
+    pub fn applied(&self) -> Vec<Transaction> {
+        self.with(|s| s.applied.clone())
+    }
+
+    /// Deletes a table behind the dataplane's back (as `nft flush ruleset` would).
+    pub fn remove_table(&self, family: Family, name: &str) {
+        self.with(|s| s.tables.remove(&(family.as_str(), name.to_string())));
+    }
+}
+
+impl NftInterface for FakeNft {
+    type Error = FakeNftError;
+
+    fn apply(&mut self, tx: &Transaction) -> Result<(), FakeNftError> {
+        self.with(|s| {
+            if s.fail_next > 0 {
+                s.fail_next -= 1;
+                return Err(FakeNftError::Injected);
+            }
+            let key = (tx.family.as_str(), tx.table.clone());
+            let table = s.tables.entry(key.clone()).or_default();
+            let result = table.apply(tx);
+            if !table.exists() {
+                s.tables.remove(&key);
+            }
+            result?;
+            s.applied.push(tx.clone());
+            Ok(())
+        })
+    }
+
+    fn read_table(
+        &mut self,
+        family: Family,
+        table: &str,
+    ) -> Result<Option<Existing>, FakeNftError> {
+        Ok(self.table(family, table).existing())
+    }
+
+    fn chain_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, FakeNftError> {
+        Ok(self
+            .table(family, table)
+            .chains
+            .get(chain)
+            .is_some_and(|c| c.def.is_some()))
+    }
+
+    fn is_not_found(e: &FakeNftError) -> bool {
+        matches!(e, FakeNftError::Refused(f) if f.reason.starts_with("no such"))
+    }
+}
+
+#[cfg(test)]
+mod fake_nft_tests {
+    use super::*;
+
+    fn add_table() -> Transaction {
+        let mut tx = Transaction::new(Family::Ip, "t");
+        tx.push(Op::AddTable { comment: None });
+        tx.push(Op::AddChain(Chain {
+            name: "c".into(),
+            base: None,
+            comment: None,
+        }));
+        tx
+    }
+
+    #[test]
+    fn tables_are_shared_between_clones_and_read_back() {
+        let nft = FakeNft::new();
+        let mut handle = nft.clone();
+        assert_eq!(handle.read_table(Family::Ip, "t"), Ok(None));
+        handle.apply(&add_table()).unwrap();
+        let existing = nft.clone().read_table(Family::Ip, "t").unwrap().unwrap();
+        assert_eq!(existing.chains.iter().collect::<Vec<_>>(), vec!["c"]);
+        assert!(handle.chain_exists(Family::Ip, "t", "c").unwrap());
+        assert!(!handle.chain_exists(Family::Ip6, "t", "c").unwrap());
+    }
+
+    #[test]
+    fn injected_failures_change_nothing_and_delete_is_idempotent() {
+        let mut nft = FakeNft::new();
+        nft.fail_next(1);
+        assert_eq!(nft.apply(&add_table()), Err(FakeNftError::Injected));
+        assert!(!nft.table(Family::Ip, "t").exists());
+        nft.apply(&add_table()).unwrap();
+        nft.delete_table(Family::Ip, "t").unwrap();
+        assert!(!nft.table(Family::Ip, "t").exists());
+        nft.delete_table(Family::Ip, "t").unwrap();
     }
 }

@@ -14,13 +14,14 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::existing::{Existing, MANAGED_SETS};
 use super::names::{endpoint_base, is_service_chain, service_base};
 use super::transaction::{
     AddrMatch, BaseChain, Chain, ChainType, DataType, Element, Expr, Family, Field, Hook, KeyValue,
     Op, Rule, Set, SetFlag, Transaction, Verdict,
 };
 use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
-use crate::model::{group_by_service, IpFamily, PortPlan, ProxyState};
+use crate::model::{group_by_service, IpFamily, PortFlags, PortPlan, ProxyState};
 
 /// The table kproxy owns in each family (upstream's name, so it takes over in place).
 pub const TABLE: &str = "kube-proxy";
@@ -37,30 +38,11 @@ const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 const REJECT_CHAIN: &str = "reject-chain";
 
 /// The containers whose elements the renderer manages (affinity sets are filled by the
-/// packet path and are not).
-const MANAGED: [&str; 6] = [
-    CLUSTER_IPS,
-    SERVICE_IPS,
-    FIREWALL_IPS,
-    NO_ENDPOINT_SERVICES,
-    NO_ENDPOINT_NODEPORTS,
-    SERVICE_NODEPORTS,
-];
+/// packet path and are not); the applier reads back the same ones.
+const MANAGED: [&str; 6] = MANAGED_SETS;
 
 /// How long a flushed stale chain waits before it is deleted.
 pub const STALE_CHAIN_DELAY_MS: u64 = 1000;
-
-/// What is in the kernel's table, read back over netlink (for a full sync that takes
-/// over an existing table, or after a restart).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Existing {
-    /// Chain names.
-    pub chains: BTreeSet<String>,
-    /// Set and map names.
-    pub sets: BTreeSet<String>,
-    /// Elements of the managed maps and sets.
-    pub elements: Vec<Element>,
-}
 
 /// Per-sync inputs besides the cluster state.
 #[derive(Debug, Clone, Copy, Default)]
@@ -74,12 +56,18 @@ pub struct RenderOptions<'a> {
 }
 
 /// A rendered sync: an optional clean-up transaction (deleting aged stale chains) to
-/// apply first, then the main transaction.
+/// apply first, then the main transaction. Once the kernel has accepted both, hand
+/// [`Rendered::record`] (or the whole value) to [`NftRenderer::commit`]; the main
+/// transaction may be consumed first (e.g. split into batches).
 #[derive(Debug, Clone)]
 pub struct Rendered {
     /// Deletes stale chains flushed at least a second ago.
     pub cleanup: Option<Transaction>,
-    /// The sync itself.
+    /// The sync itself. Its cut points (see [`Transaction::split`]) are after the
+    /// fixed part, after each rewritten Service, and before the trailing element and
+    /// clean-up operations: every such prefix is a consistent table (each Service
+    /// either as before or completely rewritten, the dispatch maps only pointing at
+    /// complete chains).
     pub main: Transaction,
     /// Whether this is a full sync.
     pub full: bool,
@@ -89,23 +77,18 @@ pub struct Rendered {
     pub deleted_stale: Vec<String>,
     /// Services whose chains this sync rewrites.
     pub services_written: usize,
-    /// Where `main` may be cut into consecutive batches (indices of operations that may
-    /// start a batch): after the fixed part, after each rewritten Service, and before
-    /// the trailing element and clean-up operations. Every such prefix is a consistent
-    /// table: each Service is either as before or completely rewritten, and the
-    /// dispatch maps only point at complete chains. See [`Transaction::split_at`].
-    pub cuts: Vec<usize>,
-    update: Update,
+    /// How the renderer's record changes when this sync is committed.
+    pub record: Record,
 }
 
-impl Rendered {
-    /// Takes the main transaction out (to be consumed while applying, e.g. split into
-    /// batches) and leaves the rest for [`NftRenderer::commit`].
-    pub fn take_main(mut self) -> (Transaction, Rendered) {
-        let family = self.main.family;
-        let table = self.main.table.clone();
-        let main = std::mem::replace(&mut self.main, Transaction::new(family, table));
-        (main, self)
+/// How the renderer's record of the kernel changes once a sync is committed (opaque:
+/// only [`NftRenderer::commit`] reads it).
+#[derive(Debug, Clone)]
+pub struct Record(Update);
+
+impl From<Rendered> for Record {
+    fn from(r: Rendered) -> Record {
+        r.record
     }
 }
 
@@ -192,6 +175,35 @@ pub struct NftRenderer {
     force_full: bool,
 }
 
+/// The names of one service port's per-service chains.
+struct PortChains {
+    service: String,
+    local: String,
+    external: String,
+    firewall: String,
+}
+
+impl PortChains {
+    fn of(port: &PortPlan) -> PortChains {
+        let base = service_base(&port.svc.name);
+        PortChains {
+            service: format!("service-{base}"),
+            local: format!("local-{base}"),
+            external: format!("external-{base}"),
+            firewall: format!("firewall-{base}"),
+        }
+    }
+
+    /// The chain internal (ClusterIP) traffic goes to.
+    fn internal(&self, port: &PortPlan) -> &str {
+        if port.svc.internal_policy_local {
+            &self.local
+        } else {
+            &self.service
+        }
+    }
+}
+
 /// Everything one service port needs.
 struct PortObjects {
     affinity_sets: Vec<Set>,
@@ -231,9 +243,10 @@ impl NftRenderer {
         self.force_full = true;
     }
 
-    /// Records that `rendered` (clean-up and main) was accepted by the kernel.
-    pub fn commit(&mut self, rendered: Rendered) {
-        match rendered.update {
+    /// Records that a rendered sync (clean-up and main) was accepted by the kernel;
+    /// takes the [`Rendered`] or just its [`Rendered::record`].
+    pub fn commit(&mut self, rendered: impl Into<Record>) {
+        match rendered.into().0 {
             Update::Replace(a) => self.applied = Some(a),
             Update::Delta(d) => {
                 let a = self.applied.get_or_insert_with(Applied::default);
@@ -619,42 +632,46 @@ impl NftRenderer {
 
     /// Upstream §4.3: the chains, affinity sets and elements of one service port.
     fn port_objects(&self, port: &PortPlan) -> PortObjects {
-        let svc = &port.svc;
-        let spn = svc.name.to_string();
-        let proto = svc.name.protocol;
-        let base = service_base(&svc.name);
-        let svc_chain = format!("service-{base}");
-        let loc_chain = format!("local-{base}");
-        let ext_chain = format!("external-{base}");
-        let fw_chain = format!("firewall-{base}");
-        let sel = &port.selection;
-        let has_endpoints = sel.has_any;
-        let local_empty = sel.local.is_empty();
-        let has_internal = has_endpoints && !(svc.internal_policy_local && local_empty);
-        let has_external = has_endpoints && !(svc.external_policy_local && local_empty);
-        let uses_cluster_chain = !sel.cluster.is_empty() && svc.uses_cluster_endpoints();
-        let uses_local_chain = !local_empty && svc.uses_local_endpoints();
-        let uses_ext = has_endpoints && svc.externally_accessible();
-        let uses_fw = !svc.lb_ips.is_empty() && !svc.source_ranges.is_empty();
-        let internal_chain = if svc.internal_policy_local {
-            &loc_chain
-        } else {
-            &svc_chain
-        };
-        let no_ep_verdict = if has_endpoints {
-            Verdict::Drop
-        } else {
-            Verdict::Goto(REJECT_CHAIN.into())
-        };
-
+        let flags = PortFlags::of(port);
+        let names = PortChains::of(port);
         let mut objs = PortObjects {
             affinity_sets: Vec::new(),
             chains: Vec::new(),
             elements: Vec::new(),
         };
-        // Endpoint chains (and affinity sets) for every reachable endpoint.
-        let mut ep_bases: Vec<Option<String>> = vec![None; port.endpoints.len()];
-        for &i in &sel.all_reachable {
+        let ep_chains = self.endpoint_chains(port, &mut objs);
+        let internal_masq = self.internal_masquerade(port, &flags);
+        let svc = &port.svc;
+        let sel = &port.selection;
+        if flags.uses_cluster_chain {
+            let masq = internal_masq.clone().filter(|_| !svc.internal_policy_local);
+            let rules =
+                Self::policy_chain_rules(&names.service, port, &sel.cluster, &ep_chains, masq);
+            objs.chains.push((Self::chain(&names.service), rules));
+        }
+        if flags.uses_local_chain {
+            let masq = internal_masq.filter(|_| svc.internal_policy_local);
+            let rules = Self::policy_chain_rules(&names.local, port, &sel.local, &ep_chains, masq);
+            objs.chains.push((Self::chain(&names.local), rules));
+        }
+        if flags.uses_ext {
+            let rules = self.external_chain_rules(port, &names, &flags);
+            objs.chains.push((Self::chain(&names.external), rules));
+        }
+        if flags.uses_fw {
+            let rules = self.firewall_chain_rules(port, &names.firewall);
+            objs.chains.push((Self::chain(&names.firewall), rules));
+        }
+        objs.elements = Self::port_elements(port, &names, &flags);
+        objs
+    }
+
+    /// One chain (and, with session affinity, one affinity set) per reachable
+    /// endpoint; returns each endpoint's chain name by endpoint index.
+    fn endpoint_chains(&self, port: &PortPlan, objs: &mut PortObjects) -> Vec<Option<String>> {
+        let svc = &port.svc;
+        let mut chains: Vec<Option<String>> = vec![None; port.endpoints.len()];
+        for &i in &port.selection.all_reachable {
             let ep = &port.endpoints[i];
             let eb = endpoint_base(&svc.name, ep);
             let chain = format!("endpoint-{eb}");
@@ -685,7 +702,7 @@ impl NftRenderer {
             rules.push(Self::rule(
                 &chain,
                 vec![
-                    Expr::L4Proto(proto),
+                    Expr::L4Proto(svc.name.protocol),
                     Expr::Dnat {
                         addr: ep.ip,
                         port: ep.port,
@@ -693,146 +710,158 @@ impl NftRenderer {
                 ],
             ));
             objs.chains.push((Self::chain(&chain), rules));
-            ep_bases[i] = Some(eb);
+            chains[i] = Some(eb);
         }
-        let policy_rules = |chain: &str, which: &[usize], masq: Option<Vec<Expr>>| {
-            let mut rules = Vec::new();
-            if let Some(m) = masq {
-                rules.push(Self::rule(chain, m));
-            }
-            if svc.affinity_timeout.is_some() {
-                for &i in which {
-                    let eb = ep_bases[i].clone().unwrap_or_default();
-                    rules.push(Self::rule(
-                        chain,
-                        vec![
-                            Expr::Addr {
-                                field: Field::Saddr,
-                                negate: false,
-                                value: AddrMatch::Set(format!("affinity-{eb}")),
-                            },
-                            Expr::Verdict(Verdict::Goto(format!("endpoint-{eb}"))),
-                        ],
-                    ));
-                }
-            }
-            rules.push(Self::rule(
-                chain,
-                vec![Expr::NumgenVmap {
-                    targets: which
-                        .iter()
-                        .map(|&i| {
-                            Verdict::Goto(format!(
-                                "endpoint-{}",
-                                ep_bases[i].clone().unwrap_or_default()
-                            ))
-                        })
-                        .collect(),
-                }],
-            ));
-            rules
+        chains
+    }
+
+    /// The masquerade rule of the internal-traffic chain (service or local), when the
+    /// Service has internal endpoints: traffic to the ClusterIP from outside the
+    /// cluster (or all of it, with masqueradeAll).
+    fn internal_masquerade(&self, port: &PortPlan, flags: &PortFlags) -> Option<Vec<Expr>> {
+        if !flags.has_internal {
+            return None;
+        }
+        let dst = Expr::Addr {
+            field: Field::Daddr,
+            negate: false,
+            value: AddrMatch::Addr(port.svc.cluster_ip),
         };
-        let internal_masq = if has_internal {
-            let dst = Expr::Addr {
-                field: Field::Daddr,
-                negate: false,
-                value: AddrMatch::Addr(svc.cluster_ip),
-            };
-            let jump = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
-            if self.settings.masquerade_all {
-                Some(vec![dst, jump])
-            } else {
-                self.not_local().map(|nl| vec![dst, nl, jump])
-            }
+        let jump = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
+        if self.settings.masquerade_all {
+            Some(vec![dst, jump])
         } else {
-            None
-        };
-        if uses_cluster_chain {
-            let masq = internal_masq
-                .clone()
-                .filter(|_| *internal_chain == svc_chain);
-            objs.chains.push((
-                Self::chain(&svc_chain),
-                policy_rules(&svc_chain, &sel.cluster, masq),
-            ));
+            self.not_local().map(|nl| vec![dst, nl, jump])
         }
-        if uses_local_chain {
-            let masq = internal_masq
-                .clone()
-                .filter(|_| *internal_chain == loc_chain);
-            objs.chains.push((
-                Self::chain(&loc_chain),
-                policy_rules(&loc_chain, &sel.local, masq),
-            ));
+    }
+
+    /// A service (cluster policy) or local (local policy) chain: optional masquerade,
+    /// affinity lookups, then a random pick among the endpoints `which`.
+    fn policy_chain_rules(
+        chain: &str,
+        port: &PortPlan,
+        which: &[usize],
+        ep_chains: &[Option<String>],
+        masq: Option<Vec<Expr>>,
+    ) -> Vec<Rule> {
+        let endpoint = |i: usize| ep_chains.get(i).cloned().flatten().unwrap_or_default();
+        let mut rules = Vec::new();
+        if let Some(m) = masq {
+            rules.push(Self::rule(chain, m));
         }
-        if uses_ext {
-            let mut rules = Vec::new();
-            let mark = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
-            if !svc.external_policy_local {
-                rules.push(Self::rule(&ext_chain, vec![mark]));
-                if has_external {
-                    rules.push(Self::rule(
-                        &ext_chain,
-                        vec![Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
-                    ));
-                }
-            } else {
-                if let Some(local) = self.is_local() {
-                    rules.push(Self::rule_c(
-                        &ext_chain,
-                        vec![local, Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
-                        "short-circuit pod traffic",
-                    ));
-                }
-                let fib = Expr::FibLocal {
-                    field: Field::Saddr,
-                };
-                rules.push(Self::rule_c(
-                    &ext_chain,
-                    vec![fib.clone(), mark],
-                    "masquerade local traffic",
-                ));
-                rules.push(Self::rule_c(
-                    &ext_chain,
-                    vec![fib, Expr::Verdict(Verdict::Goto(svc_chain.clone()))],
-                    "short-circuit local traffic",
-                ));
-                if has_external {
-                    rules.push(Self::rule(
-                        &ext_chain,
-                        vec![Expr::Verdict(Verdict::Goto(loc_chain.clone()))],
-                    ));
-                }
-            }
-            objs.chains.push((Self::chain(&ext_chain), rules));
-        }
-        if uses_fw {
-            let mut allowed: Vec<IpNet> = svc.source_ranges.clone();
-            // A node that is itself allowed may reach the VIP after being SNATed to it.
-            if self
-                .settings
-                .node_ip
-                .is_some_and(|ip| svc.source_ranges.iter().any(|r| r.contains(&ip)))
-            {
-                allowed.extend(svc.lb_ips.iter().map(|ip| IpNet::from(*ip)));
-            }
-            objs.chains.push((
-                Self::chain(&fw_chain),
-                vec![Self::rule(
-                    &fw_chain,
+        if port.svc.affinity_timeout.is_some() {
+            for &i in which {
+                let eb = endpoint(i);
+                rules.push(Self::rule(
+                    chain,
                     vec![
                         Expr::Addr {
                             field: Field::Saddr,
-                            negate: true,
-                            value: AddrMatch::Anon(allowed),
+                            negate: false,
+                            value: AddrMatch::Set(format!("affinity-{eb}")),
                         },
-                        Expr::Verdict(Verdict::Drop),
+                        Expr::Verdict(Verdict::Goto(format!("endpoint-{eb}"))),
                     ],
-                )],
+                ));
+            }
+        }
+        rules.push(Self::rule(
+            chain,
+            vec![Expr::NumgenVmap {
+                targets: which
+                    .iter()
+                    .map(|&i| Verdict::Goto(format!("endpoint-{}", endpoint(i))))
+                    .collect(),
+            }],
+        ));
+        rules
+    }
+
+    /// The external chain (NodePort, external and load-balancer IPs): masquerade, then
+    /// the service chain, or with externalTrafficPolicy Local the local chain, with
+    /// pod and node traffic short-circuited to the service chain.
+    fn external_chain_rules(
+        &self,
+        port: &PortPlan,
+        names: &PortChains,
+        flags: &PortFlags,
+    ) -> Vec<Rule> {
+        let ext = &names.external;
+        let mut rules = Vec::new();
+        let mark = Expr::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()));
+        let to_service = || Expr::Verdict(Verdict::Goto(names.service.clone()));
+        if !port.svc.external_policy_local {
+            rules.push(Self::rule(ext, vec![mark]));
+            if flags.has_external {
+                rules.push(Self::rule(ext, vec![to_service()]));
+            }
+            return rules;
+        }
+        if let Some(local) = self.is_local() {
+            rules.push(Self::rule_c(
+                ext,
+                vec![local, to_service()],
+                "short-circuit pod traffic",
             ));
         }
+        let fib = Expr::FibLocal {
+            field: Field::Saddr,
+        };
+        rules.push(Self::rule_c(
+            ext,
+            vec![fib.clone(), mark],
+            "masquerade local traffic",
+        ));
+        rules.push(Self::rule_c(
+            ext,
+            vec![fib, to_service()],
+            "short-circuit local traffic",
+        ));
+        if flags.has_external {
+            rules.push(Self::rule(
+                ext,
+                vec![Expr::Verdict(Verdict::Goto(names.local.clone()))],
+            ));
+        }
+        rules
+    }
 
-        // Elements.
+    /// The firewall chain (loadBalancerSourceRanges): drop sources outside the ranges.
+    fn firewall_chain_rules(&self, port: &PortPlan, chain: &str) -> Vec<Rule> {
+        let svc = &port.svc;
+        let mut allowed: Vec<IpNet> = svc.source_ranges.clone();
+        // A node that is itself allowed may reach the VIP after being SNATed to it.
+        if self
+            .settings
+            .node_ip
+            .is_some_and(|ip| svc.source_ranges.iter().any(|r| r.contains(&ip)))
+        {
+            allowed.extend(svc.lb_ips.iter().map(|ip| IpNet::from(*ip)));
+        }
+        vec![Self::rule(
+            chain,
+            vec![
+                Expr::Addr {
+                    field: Field::Saddr,
+                    negate: true,
+                    value: AddrMatch::Anon(allowed),
+                },
+                Expr::Verdict(Verdict::Drop),
+            ],
+        )]
+    }
+
+    /// The port's elements of the dispatch, firewall and no-endpoint maps and of the
+    /// ClusterIP set.
+    fn port_elements(port: &PortPlan, names: &PortChains, flags: &PortFlags) -> Vec<Element> {
+        let svc = &port.svc;
+        let spn = svc.name.to_string();
+        let proto = svc.name.protocol;
+        let no_ep_verdict = if flags.has_endpoints {
+            Verdict::Drop
+        } else {
+            Verdict::Goto(REJECT_CHAIN.into())
+        };
         let ipp = |ip: IpAddr| {
             vec![
                 KeyValue::Ip(ip),
@@ -848,91 +877,59 @@ impl NftRenderer {
                 value,
             }
         };
-        objs.elements.push(el(
+        let to_ext = || Some(Verdict::Goto(names.external.clone()));
+        let no_endpoints =
+            |key: Vec<KeyValue>, set: &str| el(set, key, Some(&spn), Some(no_ep_verdict.clone()));
+        let mut out = vec![el(
             CLUSTER_IPS,
             vec![KeyValue::Ip(svc.cluster_ip)],
             None,
             None,
-        ));
-        if has_internal {
-            objs.elements.push(el(
+        )];
+        if flags.has_internal {
+            out.push(el(
                 SERVICE_IPS,
                 ipp(svc.cluster_ip),
                 None,
-                Some(Verdict::Goto(internal_chain.clone())),
+                Some(Verdict::Goto(names.internal(port).to_string())),
             ));
         } else {
-            objs.elements.push(el(
-                NO_ENDPOINT_SERVICES,
-                ipp(svc.cluster_ip),
-                Some(&spn),
-                Some(no_ep_verdict.clone()),
-            ));
+            out.push(no_endpoints(ipp(svc.cluster_ip), NO_ENDPOINT_SERVICES));
         }
         for ip in &svc.external_ips {
-            if has_endpoints {
-                objs.elements.push(el(
-                    SERVICE_IPS,
-                    ipp(*ip),
-                    None,
-                    Some(Verdict::Goto(ext_chain.clone())),
-                ));
+            if flags.has_endpoints {
+                out.push(el(SERVICE_IPS, ipp(*ip), None, to_ext()));
             }
-            if !has_external {
-                objs.elements.push(el(
-                    NO_ENDPOINT_SERVICES,
-                    ipp(*ip),
-                    Some(&spn),
-                    Some(no_ep_verdict.clone()),
-                ));
+            if !flags.has_external {
+                out.push(no_endpoints(ipp(*ip), NO_ENDPOINT_SERVICES));
             }
         }
         for ip in &svc.lb_ips {
-            if has_endpoints {
-                objs.elements.push(el(
-                    SERVICE_IPS,
-                    ipp(*ip),
-                    None,
-                    Some(Verdict::Goto(ext_chain.clone())),
-                ));
+            if flags.has_endpoints {
+                out.push(el(SERVICE_IPS, ipp(*ip), None, to_ext()));
             }
-            if uses_fw {
-                objs.elements.push(el(
+            if flags.uses_fw {
+                out.push(el(
                     FIREWALL_IPS,
                     ipp(*ip),
                     None,
-                    Some(Verdict::Goto(fw_chain.clone())),
+                    Some(Verdict::Goto(names.firewall.clone())),
                 ));
             }
-            if !has_external {
-                objs.elements.push(el(
-                    NO_ENDPOINT_SERVICES,
-                    ipp(*ip),
-                    Some(&spn),
-                    Some(no_ep_verdict.clone()),
-                ));
+            if !flags.has_external {
+                out.push(no_endpoints(ipp(*ip), NO_ENDPOINT_SERVICES));
             }
         }
         if svc.node_port != 0 {
             let key = vec![KeyValue::Proto(proto), KeyValue::Port(svc.node_port)];
-            if has_endpoints {
-                objs.elements.push(el(
-                    SERVICE_NODEPORTS,
-                    key.clone(),
-                    None,
-                    Some(Verdict::Goto(ext_chain.clone())),
-                ));
+            if flags.has_endpoints {
+                out.push(el(SERVICE_NODEPORTS, key.clone(), None, to_ext()));
             }
-            if !has_external {
-                objs.elements.push(el(
-                    NO_ENDPOINT_NODEPORTS,
-                    key,
-                    Some(&spn),
-                    Some(no_ep_verdict),
-                ));
+            if !flags.has_external {
+                out.push(no_endpoints(key, NO_ENDPOINT_NODEPORTS));
             }
         }
-        objs
+        out
     }
 
     /// Writes one Service's affinity sets and chains into `tx`; returns their names and
@@ -976,35 +973,75 @@ impl NftRenderer {
         out
     }
 
+    /// Deletes (in a clean-up transaction of its own, applied first) the stale chains
+    /// flushed at least [`STALE_CHAIN_DELAY_MS`] ago and forgets them. With `known`
+    /// (what the table holds), only chains still there are deleted, they leave `known`,
+    /// and stale entries the table no longer has are forgotten.
+    fn age_stale_chains(
+        &self,
+        stale: &mut BTreeMap<String, u64>,
+        now: u64,
+        mut known: Option<&mut BTreeSet<String>>,
+    ) -> (Option<Transaction>, Vec<String>) {
+        let aged: Vec<String> = stale
+            .iter()
+            .filter(|(c, t)| {
+                now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS
+                    && known.as_ref().is_none_or(|k| k.contains(*c))
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        let cleanup = (!aged.is_empty()).then(|| {
+            let mut tx = Transaction::new(self.family(), TABLE);
+            for c in &aged {
+                tx.push(Op::DeleteChain(c.clone()));
+                stale.remove(c);
+                if let Some(k) = known.as_mut() {
+                    k.remove(c);
+                }
+            }
+            tx
+        });
+        if let Some(k) = known {
+            stale.retain(|c, _| k.contains(c));
+        }
+        (cleanup, aged)
+    }
+
+    /// Adds (or replaces) the elements of `wanted` whose value differs from what the
+    /// kernel holds (`held`, by element identity), and records them as held.
+    fn upsert_elements<'e>(
+        wanted: impl IntoIterator<Item = (ElementId, &'e Element)>,
+        held: &mut impl ElementRecord,
+        ops: &mut Vec<Op>,
+    ) {
+        for (k, e) in wanted {
+            let v = value_id(&e.value);
+            match held.value(k) {
+                Some(cur) if cur == v => continue,
+                // Replacing a map element's verdict takes a delete first.
+                Some(_) => ops.push(Op::DeleteElement(e.clone())),
+                None => {}
+            }
+            ops.push(Op::AddElement(e.clone()));
+            held.set(k, v);
+        }
+    }
+
     /// An incremental sync against our own record: only Services whose desired
     /// content changed are rewritten, and only their elements and chains are diffed,
     /// so the cost follows the change, not the cluster.
     fn render_partial(&self, state: &ProxyState, now: u64, a: &Applied) -> Rendered {
-        let family = self.family();
         let mut stale = a.stale.clone();
         // 1. Stale chains flushed long enough ago go in their own transaction, first.
-        let aged: Vec<String> = stale
-            .iter()
-            .filter(|(_, t)| now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS)
-            .map(|(c, _)| c.clone())
-            .collect();
-        let cleanup = if aged.is_empty() {
-            None
-        } else {
-            let mut tx = Transaction::new(family, TABLE);
-            for c in &aged {
-                tx.push(Op::DeleteChain(c.clone()));
-                stale.remove(c);
-            }
-            Some(tx)
-        };
+        let (cleanup, aged) = self.age_stale_chains(&mut stale, now, None);
 
-        let mut tx = Transaction::new(family, TABLE);
+        let mut tx = Transaction::new(self.family(), TABLE);
         if a.service_cidrs != state.service_cidrs {
             tx.push(Op::FlushChain("cluster-ips-check".into()));
             self.cluster_ips_check_rules(&mut tx, &state.service_cidrs);
         }
-        let mut cuts = vec![tx.ops.len()];
+        tx.mark_cut();
         let mut delta = Delta {
             ports: state.ports.clone(),
             service_cidrs: state.service_cidrs.clone(),
@@ -1015,36 +1052,21 @@ impl NftRenderer {
         // that changed or appeared.
         let mut old: Vec<ServiceObjects> = Vec::new();
         let mut new: Vec<ServiceObjects> = Vec::new();
-        let mut prev = group_by_service(&a.ports).peekable();
-        for group in state.service_groups() {
-            let this = service_of(group);
-            while let Some(gone) = prev.peek() {
-                if service_of(gone) >= this {
-                    break;
-                }
-                old.push(self.describe(gone));
-                prev.next();
-            }
-            if let Some(was) = prev.peek() {
-                if service_of(was) == this {
-                    let unchanged = *was == group;
-                    if !unchanged {
-                        old.push(self.describe(was));
-                    }
-                    prev.next();
-                    if unchanged {
-                        continue;
-                    }
+        for change in merge_services(&a.ports, state) {
+            match change {
+                ServiceChange::Same(_) => {}
+                ServiceChange::Gone(was) => old.push(self.describe(was)),
+                ServiceChange::Written { was, now } => {
+                    old.extend(was.map(|w| self.describe(w)));
+                    services_written += 1;
+                    new.push(self.rewrite_service(now, &mut tx));
+                    tx.mark_cut();
                 }
             }
-            services_written += 1;
-            new.push(self.rewrite_service(group, &mut tx));
-            cuts.push(tx.ops.len());
         }
-        old.extend(prev.map(|gone| self.describe(gone)));
 
-        // Elements: add or update what the new versions want, delete what only the old
-        // versions had.
+        // Elements: delete what only the old versions had, then add or update what the
+        // new versions want.
         let mut wanted: BTreeMap<ElementId, &Element> = BTreeMap::new();
         for e in new.iter().flat_map(|s| s.elements.iter()) {
             if let Some(k) = element_id(e) {
@@ -1061,21 +1083,11 @@ impl NftRenderer {
                 delta.mirror_remove.push(k);
             }
         }
-        for (k, e) in wanted {
-            let v = value_id(&e.value);
-            match a.mirror.get(&k) {
-                Some(cur) if *cur == v => {}
-                Some(_) => {
-                    element_ops.push(Op::DeleteElement(e.clone()));
-                    element_ops.push(Op::AddElement(e.clone()));
-                    delta.mirror_set.push((k, v));
-                }
-                None => {
-                    element_ops.push(Op::AddElement(e.clone()));
-                    delta.mirror_set.push((k, v));
-                }
-            }
-        }
+        let mut held = DeltaRecord {
+            mirror: &a.mirror,
+            set: &mut delta.mirror_set,
+        };
+        Self::upsert_elements(wanted, &mut held, &mut element_ops);
         tx.ops.extend(element_ops);
 
         // Chains the old versions had and the new ones do not: flushed now, deleted by
@@ -1117,8 +1129,41 @@ impl NftRenderer {
             flushed_stale,
             deleted_stale: aged,
             services_written,
-            cuts,
-            update: Update::Delta(delta),
+            record: Record(Update::Delta(delta)),
+        }
+    }
+
+    /// What the kernel's table holds besides the fixed part: the per-service chains
+    /// and affinity sets, in its own word when read back, else by our record.
+    fn known_objects(
+        &self,
+        existing: Option<&Existing>,
+        prior: Option<&Applied>,
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        match (existing, prior) {
+            (Some(e), _) => (
+                e.chains
+                    .iter()
+                    .filter(|c| is_service_chain(c))
+                    .cloned()
+                    .collect(),
+                e.sets
+                    .iter()
+                    .filter(|s| s.starts_with("affinity-"))
+                    .cloned()
+                    .collect(),
+            ),
+            (None, Some(a)) => {
+                let mut chains: BTreeSet<String> = a.stale.keys().cloned().collect();
+                let mut affinity = BTreeSet::new();
+                for group in group_by_service(&a.ports) {
+                    let o = self.describe(group);
+                    chains.extend(o.chains);
+                    affinity.extend(o.affinity_sets);
+                }
+                (chains, affinity)
+            }
+            (None, None) => (BTreeSet::new(), BTreeSet::new()),
         }
     }
 
@@ -1128,64 +1173,18 @@ impl NftRenderer {
         if let (false, None, Some(prev)) = (full, opts.existing, self.applied.as_ref()) {
             return self.render_partial(state, opts.now_ms, prev);
         }
-        let family = self.family();
         let now = opts.now_ms;
         let prior = self.applied.as_ref();
         let previous = prior.filter(|_| !full);
 
-        // What the kernel holds: its own word when read back, else our record.
-        let (mut known_chains, known_affinity): (BTreeSet<String>, BTreeSet<String>) =
-            match (opts.existing, prior) {
-                (Some(e), _) => (
-                    e.chains
-                        .iter()
-                        .filter(|c| is_service_chain(c))
-                        .cloned()
-                        .collect(),
-                    e.sets
-                        .iter()
-                        .filter(|s| s.starts_with("affinity-"))
-                        .cloned()
-                        .collect(),
-                ),
-                (None, Some(a)) => {
-                    let mut chains: BTreeSet<String> = a.stale.keys().cloned().collect();
-                    let mut affinity = BTreeSet::new();
-                    for group in group_by_service(&a.ports) {
-                        let o = self.describe(group);
-                        chains.extend(o.chains);
-                        affinity.extend(o.affinity_sets);
-                    }
-                    (chains, affinity)
-                }
-                (None, None) => (BTreeSet::new(), BTreeSet::new()),
-            };
+        let (mut known_chains, known_affinity) = self.known_objects(opts.existing, prior);
         let mut stale: BTreeMap<String, u64> = prior.map(|a| a.stale.clone()).unwrap_or_default();
 
         // 1. Stale chains flushed long enough ago go in their own transaction, first.
-        let aged: Vec<String> = stale
-            .iter()
-            .filter(|(c, t)| {
-                now.saturating_sub(**t) >= STALE_CHAIN_DELAY_MS && known_chains.contains(*c)
-            })
-            .map(|(c, _)| c.clone())
-            .collect();
-        let cleanup = if aged.is_empty() {
-            None
-        } else {
-            let mut tx = Transaction::new(family, TABLE);
-            for c in &aged {
-                tx.push(Op::DeleteChain(c.clone()));
-                known_chains.remove(c);
-                stale.remove(c);
-            }
-            Some(tx)
-        };
-        // Stale entries the kernel no longer has are forgotten.
-        stale.retain(|c, _| known_chains.contains(c));
+        let (cleanup, aged) = self.age_stale_chains(&mut stale, now, Some(&mut known_chains));
 
         // 2. The main transaction.
-        let mut tx = Transaction::new(family, TABLE);
+        let mut tx = Transaction::new(self.family(), TABLE);
         if full {
             self.fixed(&mut tx, &state.service_cidrs);
         } else if prior.is_some_and(|a| a.service_cidrs != state.service_cidrs) {
@@ -1195,7 +1194,7 @@ impl NftRenderer {
 
         // The managed elements in the kernel, with the element itself where a deletion
         // may need it (read back) or only the value (our record).
-        let mut cuts = vec![tx.ops.len()];
+        tx.mark_cut();
         // Element operations go last, after every chain they point at (see below).
         let mut element_ops: Vec<Op> = Vec::new();
         let mut in_kernel: HashMap<ElementId, (ValueId, Option<&Element>)> = match opts.existing {
@@ -1221,57 +1220,35 @@ impl NftRenderer {
                 .unwrap_or_default(),
         };
         let mut services_written = 0;
-        let mut prev_iter =
-            group_by_service(previous.map(|p| p.ports.as_slice()).unwrap_or_default()).peekable();
         let mut desired: HashMap<ElementId, ValueId> = HashMap::new();
         // Elements of Services that went away or changed (for deleting what only they
         // had when the kernel's own elements are not at hand).
         let mut old_elements: Vec<Element> = Vec::new();
         let mut active: HashSet<String> = HashSet::new();
         let mut active_affinity: HashSet<String> = HashSet::new();
-        for group in state.service_groups() {
-            let this = service_of(group);
-            while let Some(gone) = prev_iter.peek() {
-                if service_of(gone) >= this {
-                    break;
+        let previous_ports = previous.map(|p| p.ports.as_slice()).unwrap_or_default();
+        for change in merge_services(previous_ports, state) {
+            let objs = match change {
+                ServiceChange::Gone(was) => {
+                    old_elements.extend(self.describe(was).elements);
+                    continue;
                 }
-                old_elements.extend(self.describe(gone).elements);
-                prev_iter.next();
-            }
-            let mut unchanged = false;
-            if let Some(was) = prev_iter.peek() {
-                if service_of(was) == this {
-                    unchanged = *was == group;
-                    if !unchanged {
-                        old_elements.extend(self.describe(was).elements);
+                ServiceChange::Same(group) => self.describe(group),
+                ServiceChange::Written { was, now } => {
+                    if let Some(w) = was {
+                        old_elements.extend(self.describe(w).elements);
                     }
-                    prev_iter.next();
+                    services_written += 1;
+                    let objs = self.rewrite_service(now, &mut tx);
+                    tx.mark_cut();
+                    // Elements of a rewritten Service: add or update what differs.
+                    let wanted = objs
+                        .elements
+                        .iter()
+                        .filter_map(|e| element_id(e).map(|k| (k, e)));
+                    Self::upsert_elements(wanted, &mut in_kernel, &mut element_ops);
+                    objs
                 }
-            }
-            let objs = if unchanged {
-                self.describe(group)
-            } else {
-                services_written += 1;
-                let objs = self.rewrite_service(group, &mut tx);
-                cuts.push(tx.ops.len());
-                // Elements of a rewritten Service: add or update what differs.
-                for e in &objs.elements {
-                    let Some(k) = element_id(e) else { continue };
-                    let v = value_id(&e.value);
-                    match in_kernel.get(&k) {
-                        Some((cur, _)) if *cur == v => {}
-                        Some(_) => {
-                            element_ops.push(Op::DeleteElement(e.clone()));
-                            element_ops.push(Op::AddElement(e.clone()));
-                            in_kernel.insert(k, (v, None));
-                        }
-                        None => {
-                            element_ops.push(Op::AddElement(e.clone()));
-                            in_kernel.insert(k, (v, None));
-                        }
-                    }
-                }
-                objs
             };
             for e in &objs.elements {
                 if let Some(k) = element_id(e) {
@@ -1280,9 +1257,6 @@ impl NftRenderer {
             }
             active.extend(objs.chains);
             active_affinity.extend(objs.affinity_sets);
-        }
-        for gone in prev_iter {
-            old_elements.extend(self.describe(gone).elements);
         }
         // Elements come after every chain they point at, so that a cold sync split into
         // bounded batches never lets a packet reach a half-built Service: the dispatch
@@ -1339,10 +1313,89 @@ impl NftRenderer {
             flushed_stale,
             deleted_stale: aged,
             services_written,
-            cuts,
-            update: Update::Replace(next),
+            record: Record(Update::Replace(next)),
         }
     }
+}
+
+/// The kernel's managed elements as a sync sees them: identity -> value.
+trait ElementRecord {
+    fn value(&self, k: ElementId) -> Option<ValueId>;
+    fn set(&mut self, k: ElementId, v: ValueId);
+}
+
+/// A full sync's view: everything in the kernel (read back or recorded), updated as
+/// elements are written.
+impl ElementRecord for HashMap<ElementId, (ValueId, Option<&Element>)> {
+    fn value(&self, k: ElementId) -> Option<ValueId> {
+        self.get(&k).map(|(v, _)| *v)
+    }
+
+    fn set(&mut self, k: ElementId, v: ValueId) {
+        self.insert(k, (v, None));
+    }
+}
+
+/// A partial sync's view: the record of the last sync, plus this sync's writes (which
+/// become its delta).
+struct DeltaRecord<'a> {
+    mirror: &'a HashMap<ElementId, ValueId>,
+    set: &'a mut Vec<(ElementId, ValueId)>,
+}
+
+impl ElementRecord for DeltaRecord<'_> {
+    fn value(&self, k: ElementId) -> Option<ValueId> {
+        self.mirror.get(&k).copied()
+    }
+
+    fn set(&mut self, k: ElementId, v: ValueId) {
+        self.set.push((k, v));
+    }
+}
+
+/// One step of walking the Services last applied and the ones wanted, both sorted.
+enum ServiceChange<'a> {
+    /// Applied before, wanted no more.
+    Gone(&'a [Arc<PortPlan>]),
+    /// Wanted as applied.
+    Same(&'a [Arc<PortPlan>]),
+    /// Wanted and to be (re)written; `was` is the version applied before, if any.
+    Written {
+        was: Option<&'a [Arc<PortPlan>]>,
+        now: &'a [Arc<PortPlan>],
+    },
+}
+
+/// The merge walk both syncs share: every Service of `previous` and `state` once, in
+/// order, as gone, unchanged or to be written.
+fn merge_services<'a>(
+    previous: &'a [Arc<PortPlan>],
+    state: &'a ProxyState,
+) -> impl Iterator<Item = ServiceChange<'a>> + 'a {
+    let mut prev = group_by_service(previous).peekable();
+    let mut next = state.service_groups();
+    let mut pending: Option<&'a [Arc<PortPlan>]> = None;
+    std::iter::from_fn(move || {
+        let Some(now) = pending.take().or_else(|| next.next()) else {
+            return prev.next().map(ServiceChange::Gone);
+        };
+        let this = service_of(now);
+        if let Some(was) = prev.peek() {
+            let that = service_of(was);
+            if that < this {
+                pending = Some(now);
+                return prev.next().map(ServiceChange::Gone);
+            }
+            if that == this {
+                let was = prev.next();
+                return Some(match was {
+                    Some(w) if w == now => ServiceChange::Same(now),
+                    was => ServiceChange::Written { was, now },
+                });
+            }
+        }
+        Some(ServiceChange::Written { was: None, now })
+    })
 }
 
 /// A group's Service, for walking two sorted lists of groups in step.

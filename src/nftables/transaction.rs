@@ -411,7 +411,8 @@ pub enum Op {
     DeleteElement(Element),
 }
 
-/// An ordered list of operations on one table, applied atomically.
+/// An ordered list of operations on one table, applied atomically, and the points
+/// where it may be cut into several batches when it is too large for one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
     /// Table family.
@@ -420,6 +421,8 @@ pub struct Transaction {
     pub table: String,
     /// Operations, in order.
     pub ops: Vec<Op>,
+    /// Indices of operations that may start a batch (see [`Transaction::split`]).
+    cuts: Vec<usize>,
 }
 
 impl Transaction {
@@ -429,6 +432,7 @@ impl Transaction {
             family,
             table: table.into(),
             ops: Vec::new(),
+            cuts: Vec::new(),
         }
     }
 
@@ -447,17 +451,34 @@ impl Transaction {
         self.ops.push(op);
     }
 
-    /// Splits a large transaction into consecutive transactions at the given cut points
-    /// (indices of operations that may start a batch), packing whole segments between
-    /// cuts greedily into batches of at most `max_ops` operations (a longer segment goes
-    /// alone). Used for huge syncs, whose single batch costs the kernel time quadratic
-    /// in its size (see docs/benchmarks.md). The renderer places cuts so that every
-    /// prefix is a consistent table (each Service old or completely new, dispatch maps
-    /// only pointing at complete chains), and its trailing element operations — whose
-    /// verdicts make the kernel re-validate every chain they reach — form one segment.
-    pub fn split_at(self, max_ops: usize, cuts: &[usize]) -> Vec<Transaction> {
+    /// Marks the current end as a point where a batch may start: everything before it
+    /// leaves the table consistent on its own.
+    pub fn mark_cut(&mut self) {
+        self.cuts.push(self.ops.len());
+    }
+
+    /// The cut points marked so far.
+    pub fn cuts(&self) -> &[usize] {
+        &self.cuts
+    }
+
+    /// Splits a large transaction into consecutive transactions at its cut points,
+    /// packing whole segments between cuts greedily into batches of at most `max_ops`
+    /// operations (a longer segment goes alone). Used for huge syncs, whose single
+    /// batch costs the kernel time quadratic in its size (see docs/benchmarks.md). The
+    /// renderer places cuts so that every prefix is a consistent table (each Service
+    /// old or completely new, dispatch maps only pointing at complete chains), and its
+    /// trailing element operations — whose verdicts make the kernel re-validate every
+    /// chain they reach — form one segment. Consumes the transaction, so the peak holds
+    /// one copy of it, not two.
+    pub fn split(self, max_ops: usize) -> Vec<Transaction> {
         let len = self.ops.len();
-        let mut bounds: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < len).collect();
+        let mut bounds: Vec<usize> = self
+            .cuts
+            .iter()
+            .copied()
+            .filter(|&c| c > 0 && c < len)
+            .collect();
         bounds.sort_unstable();
         bounds.dedup();
         bounds.push(len);
@@ -489,16 +510,24 @@ mod split_tests {
         Op::FlushChain(format!("c{i}"))
     }
 
-    #[test]
-    fn split_packs_whole_segments_up_to_the_bound() {
+    /// A transaction of `n` flushes with cuts at `cuts`.
+    fn with_cuts(n: usize, cuts: &[usize]) -> Transaction {
         let mut tx = Transaction::new(Family::Ip, "kube-proxy");
-        for i in 0..30 {
+        for i in 0..n {
+            if cuts.contains(&i) {
+                tx.mark_cut();
+            }
             tx.push(chain(i));
         }
-        let all = tx.ops.clone();
+        tx
+    }
+
+    #[test]
+    fn split_packs_whole_segments_up_to_the_bound() {
         // Segments: 4, 4, 4, 3, 12 (a long one), 3.
-        let cuts = [4, 8, 12, 15, 27];
-        let parts = tx.split_at(10, &cuts);
+        let tx = with_cuts(30, &[4, 8, 12, 15, 27]);
+        let all = tx.ops.clone();
+        let parts = tx.split(10);
         let sizes: Vec<usize> = parts.iter().map(|p| p.ops.len()).collect();
         assert_eq!(sizes, vec![8, 7, 12, 3]);
         let rejoined: Vec<Op> = parts.into_iter().flat_map(|p| p.ops).collect();
@@ -507,12 +536,8 @@ mod split_tests {
 
     #[test]
     fn split_never_cuts_inside_a_segment() {
-        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
-        for i in 0..50 {
-            tx.push(chain(i));
-        }
         let cuts = [20, 21, 45];
-        let parts = tx.clone().split_at(10, &cuts);
+        let parts = with_cuts(50, &cuts).split(10);
         let mut at = 0;
         let mut starts = Vec::new();
         for p in &parts {
@@ -522,17 +547,21 @@ mod split_tests {
         for s in &starts[1..] {
             assert!(cuts.contains(s), "batch starts at {s}, not a cut");
         }
-        // Out-of-range and unsorted cuts are ignored or ordered.
-        let parts = tx.split_at(100, &[60, 0, 30, 10]);
-        assert_eq!(parts.len(), 1);
+        // A cut at the start or the end never makes an empty batch.
+        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
+        tx.mark_cut();
+        tx.push(chain(0));
+        tx.mark_cut();
+        assert_eq!(tx.split(1).len(), 1);
     }
 
     #[test]
     fn split_of_a_small_or_empty_transaction_is_itself() {
-        let mut tx = Transaction::new(Family::Ip, "kube-proxy");
-        tx.push(chain(0));
-        assert_eq!(tx.clone().split_at(10, &[1]), vec![tx]);
+        let tx = with_cuts(3, &[1]);
+        let parts = tx.clone().split(10);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].ops, tx.ops);
         let empty = Transaction::new(Family::Ip, "kube-proxy");
-        assert_eq!(empty.clone().split_at(10, &[]), vec![empty]);
+        assert_eq!(empty.clone().split(10), vec![empty]);
     }
 }

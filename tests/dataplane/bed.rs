@@ -543,6 +543,11 @@ impl Bed {
 
     /// `kproxy apply` with extra flags; the error carries kproxy's exit status and output.
     pub fn try_apply(&self, snap: &Snapshot, extra: &[&str]) -> Result<(), String> {
+        self.try_apply_in(self.mode, snap, extra)
+    }
+
+    /// `kproxy apply` in `mode` (which may differ from the bed's, to switch modes).
+    pub fn try_apply_in(&self, mode: Mode, snap: &Snapshot, extra: &[&str]) -> Result<(), String> {
         let yaml = snap.to_yaml()?;
         let n = self.applies.lock().map(|a| a.len()).unwrap_or(0);
         let dir = std::env::temp_dir();
@@ -564,7 +569,7 @@ impl Bed {
         cmd.arg("apply")
             .arg("--snapshot")
             .arg(&snap_path)
-            .args(["--mode", self.mode.as_str()])
+            .args(["--mode", mode.as_str()])
             .arg("--config")
             .arg(&cfg_path)
             .args(["--hostname-override", NODE])
@@ -575,7 +580,7 @@ impl Bed {
                 .args(["--local-address", "::1/128"]);
         }
         cmd.args(extra);
-        let shown = format!("kproxy apply --mode {} (snapshot #{n})", self.mode.as_str());
+        let shown = format!("kproxy apply --mode {} (snapshot #{n})", mode.as_str());
         let result = netns::run(&mut cmd);
         let _ = std::fs::remove_file(&snap_path);
         let _ = std::fs::remove_file(&cfg_path);
@@ -596,7 +601,7 @@ impl Bed {
                 out.status,
                 self.node.name(),
                 stderr.trim(),
-                self.mode.as_str()
+                mode.as_str()
             ))
         }
     }
@@ -628,6 +633,54 @@ impl Bed {
             child,
             log,
             kubeconfig,
+            dir: None,
+        })
+    }
+
+    /// Starts the binary as kubeadm does: a copy named `kube-proxy`, kubeadm's argv
+    /// (`--config=/var/lib/kube-proxy/config.conf --hostname-override=$(NODE_NAME)`)
+    /// and kubeadm's generated `config.conf` (every field, zeros and nulls), whose
+    /// kubeconfig points at a fake API server holding `snap`. Default ports: healthz
+    /// 0.0.0.0:10256, metrics 127.0.0.1:10249.
+    pub fn run_kube_proxy(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
+        let api = self.node.run_in(crate::fake_apiserver::FakeApi::start)?;
+        api.apply_all(&snap.to_yaml()?);
+        let dir = std::env::temp_dir().join(format!("{}-kubeadm", self.stem));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let kubeconfig = dir.join("kubeconfig.conf");
+        std::fs::write(&kubeconfig, api.kubeconfig()).map_err(|e| e.to_string())?;
+        let kubeadm = include_str!("../../testdata/config/kubeadm-config.conf");
+        let mode = match self.mode {
+            Mode::Iptables => "\"\"",
+            Mode::Nftables => "nftables",
+        };
+        let config = kubeadm
+            .replace(
+                "kubeconfig: /var/lib/kube-proxy/kubeconfig.conf",
+                &format!("kubeconfig: {}", kubeconfig.display()),
+            )
+            .replace("mode: \"\"", &format!("mode: {mode}"))
+            .replace(
+                "clusterCIDR: 10.244.0.0/16",
+                &format!("clusterCIDR: {CLUSTER_CIDR_V4}"),
+            );
+        let config_path = dir.join("config.conf");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let binary = dir.join("kube-proxy");
+        std::fs::copy(env!("CARGO_BIN_EXE_kproxy"), &binary).map_err(|e| e.to_string())?;
+        let log = dir.join("daemon.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let mut cmd = self.node.command(binary.to_str().unwrap_or_default());
+        cmd.arg(format!("--config={}", config_path.display()))
+            .arg(format!("--hostname-override={NODE}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().map_err(|e| format!("start kube-proxy: {e}"))?;
+        Ok(DaemonGuard {
+            child,
+            log,
+            kubeconfig,
+            dir: Some(dir),
         })
     }
 
@@ -922,6 +975,7 @@ pub struct DaemonGuard {
     child: std::process::Child,
     log: std::path::PathBuf,
     kubeconfig: std::path::PathBuf,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl DaemonGuard {
@@ -937,6 +991,9 @@ impl Drop for DaemonGuard {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
         let _ = std::fs::remove_file(&self.kubeconfig);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
