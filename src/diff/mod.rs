@@ -299,12 +299,9 @@ pub fn compare(desired: &Ruleset, live: &Ruleset, who: &dyn Attribution) -> Vec<
                 };
                 // A flushed per-Service chain nothing refers to is one waiting for its
                 // delayed deletion (upstream and kproxy both delete stale chains a
-                // little later): no packet can reach it.
-                if kind == Kind::Extra
-                    && d.rules.is_empty()
-                    && owner.is_some()
-                    && !referenced(live, scope, name)
-                {
+                // little later, each on its own clock): no packet can reach it.
+                let side = if kind == Kind::Extra { live } else { desired };
+                if d.rules.is_empty() && owner.is_some() && !referenced(side, scope, name) {
                     continue;
                 }
                 // A chain's owner may only be visible from its rules.
