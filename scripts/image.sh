@@ -12,7 +12,9 @@
 #      `kproxy diff` there with shadow mode's extra SYS_ADMIN.
 #
 # IMAGE=name:tag (default localhost/kproxy:<Cargo version>), SUITE (default: the host's
-# Debian suite), KEEP_ROOTFS=1 to keep the work directory. Storage: vfs (works anywhere,
+# Debian suite), ROOTFS_TAR=file to reuse a root filesystem tarball this script made
+# before (it is written to target/image/rootfs-<suite>.tar), KEEP_ROOTFS=1 to keep the
+# work directory. Storage: vfs (works anywhere,
 # including inside containers); set STORAGE_DRIVER=overlay for speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,20 +53,27 @@ cargo build --release --bin kproxy
 bin=target/release/kproxy
 ls -l "$bin"
 
-echo "== root filesystem: $suite from $mirror"
-mmdebstrap --variant=minbase --quiet \
-  --include=iptables,nftables,conntrack,libnftnl11,libmnl0 \
-  --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-exclude=/usr/share/man/*' \
-  --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' \
-  --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
-  "$suite" "$work/rootfs.tar" "$mirror"
-ls -l "$work/rootfs.tar"
+rootfs=${ROOTFS_TAR:-}
+if [ -n "$rootfs" ] && [ -f "$rootfs" ]; then
+  echo "== root filesystem: reusing $rootfs"
+else
+  rootfs=target/image/rootfs-$suite.tar
+  mkdir -p target/image
+  echo "== root filesystem: $suite from $mirror"
+  mmdebstrap --variant=minbase --quiet \
+    --include=iptables,nftables,conntrack,libnftnl11,libmnl0 \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/info/*' \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
+    "$suite" "$rootfs" "$mirror"
+fi
+ls -l "$rootfs"
 
 echo "== image $image"
 ctr=$(buildah from scratch)
-buildah add "$ctr" "$work/rootfs.tar" / >/dev/null
+buildah add "$ctr" "$rootfs" / >/dev/null
 buildah copy --chmod 0755 "$ctr" "$bin" /usr/local/bin/kproxy >/dev/null
 buildah config \
   --entrypoint '["/usr/local/bin/kproxy"]' --cmd run \
