@@ -87,15 +87,19 @@ buildah rm "$ctr" >/dev/null
 ctr=
 buildah images "$image"
 
+# Keep the host's resource limits: podman's default RLIMIT_NOFILE can exceed what a
+# sandboxed (or containerised) build host may grant.
+run=(podman run --rm --ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)" --ulimit "nproc=$(ulimit -Su):$(ulimit -Hu)")
+
 echo "== smoke: version"
-podman run --rm "$image" version | tee "$work/version"
+"${run[@]}" "$image" version | tee "$work/version"
 grep -q "kproxy $version" "$work/version"
 
 echo "== smoke: demo render (image = host binary)"
 # shellcheck disable=SC2046
 demo=(--snapshot /demo/cluster.yaml $(cat testdata/demo/args))
 for mode in iptables nftables; do
-  podman run --rm --network none -v "$PWD/testdata/demo:/demo:ro" "$image" \
+  "${run[@]}" --network none -v "$PWD/testdata/demo:/demo:ro" "$image" \
     render --mode "$mode" "${demo[@]}" >"$work/render-$mode.image"
   # shellcheck disable=SC2046
   "$bin" render --mode "$mode" --snapshot testdata/demo/cluster.yaml $(cat testdata/demo/args) \
@@ -108,7 +112,7 @@ echo "== smoke: apply in network namespace $ns with the DaemonSet's capabilities
 caps=(--cap-drop all --cap-add NET_ADMIN,NET_RAW --read-only --user 0)
 for mode in iptables nftables; do
   ip netns add "$ns"
-  podman run --rm --network "ns:/var/run/netns/$ns" "${caps[@]}" \
+  "${run[@]}" --network "ns:/var/run/netns/$ns" "${caps[@]}" \
     -v "$PWD/testdata/demo:/demo:ro" "$image" apply --mode "$mode" "${demo[@]}"
   if [ "$mode" = iptables ]; then
     n=$(ip netns exec "$ns" iptables-save | grep -c '^-A KUBE-')
@@ -118,7 +122,7 @@ for mode in iptables nftables; do
   echo "$mode: applied ($n lines of kube-proxy rules in $ns)"
   [ "$n" -gt 10 ]
   # kproxy diff (shadow mode's capabilities: + SYS_ADMIN for its scratch namespace).
-  podman run --rm --network "ns:/var/run/netns/$ns" --cap-drop all \
+  "${run[@]}" --network "ns:/var/run/netns/$ns" --cap-drop all \
     --cap-add NET_ADMIN,NET_RAW,SYS_ADMIN --read-only --user 0 \
     -v "$PWD/testdata/demo:/demo:ro" "$image" diff --mode "$mode" "${demo[@]}"
   ip netns del "$ns"
