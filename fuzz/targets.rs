@@ -15,8 +15,11 @@ use kproxy::nftables::text::transaction_text;
 use kproxy::trace::iptables::{Packet, Ruleset};
 use kproxy::trace::nftables::Table;
 
+/// A fuzz target: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// The targets by name (the names of the fuzz binaries and of testdata/fuzz/<name>/).
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("snapshot", snapshot),
     ("config", config),
     ("trace_iptables", trace_iptables),
@@ -32,8 +35,12 @@ pub fn snapshot(data: &[u8]) {
     let Ok(mut snap) = kproxy::snapshot::load_str(text, "fuzz") else {
         return;
     };
+    // A snapshot whose Nodes none of which is chosen is an error for the CLI; the
+    // fuzz target goes on with a fixed name so conversion and rendering still run.
     let node_name = snap
         .select_node(None)
+        .ok()
+        .flatten()
         .unwrap_or_else(|| "node-a".to_string());
     let node = NodeContext {
         name: node_name.clone(),

@@ -8,6 +8,8 @@
 //! (nothing serves) and 0 -> N (entries created while the service rejected have the
 //! service IP itself as reply source). The netlink part only lists and deletes.
 
+#![deny(unsafe_code)]
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
@@ -32,7 +34,7 @@ pub struct Flow {
 }
 
 /// The flows to delete, given the current rules' state.
-pub fn stale_flows(flows: &[Flow], state: &ProxyState) -> Vec<Flow> {
+pub(crate) fn stale_flows(flows: &[Flow], state: &ProxyState) -> Vec<Flow> {
     let mut by_dest: HashMap<(IpAddr, u8, u16), HashSet<IpAddr>> = HashMap::new();
     let mut by_nodeport: HashMap<(u8, u16), HashSet<IpAddr>> = HashMap::new();
     for p in &state.ports {

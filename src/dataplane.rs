@@ -3,6 +3,8 @@
 //! remove them again. The sync loop (`daemon::sync`) drives any `Dataplane`, so its
 //! scheduling, retries and metrics are tested with a fake that needs no kernel.
 
+#![deny(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +63,7 @@ pub struct DataplaneError {
 
 impl DataplaneError {
     /// A failed sync (`partial` or full) of `mode` for `family`.
-    pub fn sync_failed(
+    pub(crate) fn sync_failed(
         mode: Mode,
         family: IpFamily,
         partial: bool,
@@ -77,7 +79,7 @@ impl DataplaneError {
     }
 
     /// A failed clean-up of `mode` for `family`.
-    pub fn cleanup_failed(
+    pub(crate) fn cleanup_failed(
         mode: Mode,
         family: IpFamily,
         source: impl std::error::Error + Send + Sync + 'static,

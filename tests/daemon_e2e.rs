@@ -104,9 +104,9 @@ fn slice_at(svc: &str, ips: &[&str], trigger: Option<&str>) -> String {
 
 fn rules(ns: &Netns, mode: &str) -> String {
     let (_, out, _) = if mode == "nftables" {
-        ns.exec(&["nft", "list", "table", "ip", "kube-proxy"])
+        ns.exec_status(&["nft", "list", "table", "ip", "kube-proxy"])
     } else {
-        ns.exec(&["iptables-save"])
+        ns.exec_status(&["iptables-save"])
     };
     out
 }
@@ -274,7 +274,7 @@ fn case(mode: &str) {
     if mode == "iptables" {
         // Someone flushes the tables: the canary chain goes, and the next periodic
         // check (every syncPeriod) rewrites everything.
-        let (ok, _, err) = ns.exec(&[
+        let (ok, _, err) = ns.exec_status(&[
             "sh",
             "-c",
             "for t in nat mangle filter; do iptables -t $t -F && iptables -t $t -X; done",
@@ -288,7 +288,7 @@ fn case(mode: &str) {
 
     if mode == "nftables" {
         // Someone deletes the table: the next periodic check notices and rewrites it.
-        let (ok, _, err) = ns.exec(&["nft", "delete", "table", "ip", "kube-proxy"]);
+        let (ok, _, err) = ns.exec_status(&["nft", "delete", "table", "ip", "kube-proxy"]);
         assert!(ok, "{err}");
         wait_for(&ns, mode, "the table to come back after a delete", |r| {
             r.contains("10.96.0.10")
@@ -428,10 +428,10 @@ fn failed_restore_is_retried_as_a_full_sync() {
 /// Rules of one family: `ip`/`ip6` table (nftables) or `iptables-save`/`ip6tables-save`.
 fn family_rules(ns: &Netns, mode: &str, v6: bool) -> String {
     let (_, out, _) = match (mode, v6) {
-        ("nftables", false) => ns.exec(&["nft", "list", "table", "ip", "kube-proxy"]),
-        ("nftables", true) => ns.exec(&["nft", "list", "table", "ip6", "kube-proxy"]),
-        (_, false) => ns.exec(&["iptables-save"]),
-        (_, true) => ns.exec(&["ip6tables-save"]),
+        ("nftables", false) => ns.exec_status(&["nft", "list", "table", "ip", "kube-proxy"]),
+        ("nftables", true) => ns.exec_status(&["nft", "list", "table", "ip6", "kube-proxy"]),
+        (_, false) => ns.exec_status(&["iptables-save"]),
+        (_, true) => ns.exec_status(&["ip6tables-save"]),
     };
     out
 }
@@ -483,7 +483,7 @@ fn dual_stack(mode: &str) {
         &["ip", "link", "set", "node0p", "up"],
     ];
     for cmd in setup {
-        let (ok, _, err) = ns.exec(cmd);
+        let (ok, _, err) = ns.exec_status(cmd);
         assert!(ok, "{cmd:?}: {err}");
     }
     let api = ns.run(FakeApi::start);

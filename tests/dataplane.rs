@@ -23,7 +23,7 @@ mod bed;
 mod echo;
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
-#[path = "dataplane/netns.rs"]
+#[path = "support/netns.rs"]
 mod netns;
 #[path = "dataplane/snapshot.rs"]
 mod snapshot;
@@ -42,14 +42,7 @@ const PORT: u16 = 80;
 
 /// True when the case may run; skips without root unless `CI` is set.
 fn may_run() -> bool {
-    if netns::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("dataplane tests need root (network namespaces); CI is set, so not skipping");
-    }
-    eprintln!("dataplane: skipped (needs root to create network namespaces)");
-    false
+    netns::require_root("dataplane")
 }
 
 /// Generates `case::iptables` and `case::nftables` tests, each with optional attributes
@@ -813,6 +806,19 @@ fn kubeadm_dropin(mode: Mode) {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // kubeadm's config.conf says `oomScoreAdj: null`: upstream's default -999 applies.
+    let oom = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", daemon.pid()))
+        .unwrap_or_default();
+    // Lowering it needs CAP_SYS_RESOURCE; without it (some sandboxes) upstream and
+    // kproxy log the failure and go on: then the log shows the value it tried.
+    assert!(
+        oom.trim() == "-999"
+            || daemon
+                .log()
+                .contains("could not set oom_score_adj value=-999"),
+        "oom_score_adj of the daemon is {oom:?} and it did not try -999; log:\n{}",
+        daemon.log()
+    );
     let (code, body) = bed
         .http_get(From::Node, healthz, "/healthz")
         .unwrap_or_else(|| panic!("no /healthz on :10256; log:\n{}", daemon.log()));

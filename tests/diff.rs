@@ -7,6 +7,7 @@
 mod fake_apiserver;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/vectors.rs"]
 mod vectors;
 
 use std::fs;
@@ -52,7 +53,7 @@ fn kproxy(ns: &Netns, cmd: &str, mode: &str) -> (i32, String, String) {
 }
 
 fn sh(ns: &Netns, script: &str) -> String {
-    let (ok, out, err) = ns.exec(&["sh", "-c", script]);
+    let (ok, out, err) = ns.exec_status(&["sh", "-c", script]);
     assert!(ok, "{script}: {err}");
     out
 }

@@ -258,9 +258,9 @@ fn bad_config_touches_nothing() {
         "bad.conf",
         &KUBEADM.replace("oomScoreAdj: null", "oomScoreAdj: 5000"),
     );
-    let (ok, _, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), &bad]);
+    let (ok, _, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), &bad]);
     assert!(!ok && err.contains("oomScoreAdj"), "{err}");
-    let (_, rules, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, rules, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(rules.trim().is_empty(), "something was written:\n{rules}");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -280,7 +280,7 @@ fn cleanup_and_init_only() {
     .unwrap();
     let snap = snap.display().to_string();
     for mode in ["iptables", "nftables"] {
-        let (ok, _, err) = ns.exec(&[
+        let (ok, _, err) = ns.exec_status(&[
             env!("CARGO_BIN_EXE_kproxy"),
             "apply",
             "--snapshot",
@@ -292,19 +292,19 @@ fn cleanup_and_init_only() {
         ]);
         assert!(ok, "{mode} apply: {err}");
     }
-    let (_, before, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, before, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(before.contains("10.96.0.10"), "{before}");
-    let (ok, out, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), "--cleanup"]);
+    let (ok, out, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), "--cleanup"]);
     assert!(ok, "--cleanup: {err}");
     assert!(out.contains("kproxy cleanup"), "one-line summary: {out}");
-    let (_, after, _) = ns.exec(&["nft", "list", "ruleset"]);
+    let (_, after, _) = ns.exec_status(&["nft", "list", "ruleset"]);
     assert!(
         !after.contains("10.96.0.10")
             && !after.contains("KUBE-SVC")
             && !after.contains("kube-proxy"),
         "--cleanup left rules:\n{after}"
     );
-    let (ok, _, err) = ns.exec(&[env!("CARGO_BIN_EXE_kproxy"), "--init-only", "-v=2"]);
+    let (ok, _, err) = ns.exec_status(&[env!("CARGO_BIN_EXE_kproxy"), "--init-only", "-v=2"]);
     assert!(ok, "--init-only: {err}");
     assert!(err.contains("initialization done"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
@@ -332,5 +332,48 @@ fn json_logs_and_no_colour_in_pipes() {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
         assert!(v.get("level").is_some(), "{l}");
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `--oom-score-adj` reaches the process (raising it needs no capability).
+#[test]
+fn oom_score_adj_is_applied() {
+    if !require_root("oom_score_adj_is_applied") {
+        return;
+    }
+    let ns = Netns::new("dropoom");
+    let d = dir("oom");
+    let kubeconfig = d.join("kubeconfig");
+    // A server nobody answers on: the daemon starts and keeps retrying its watches.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"http://127.0.0.1:9\"}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
+    )
+    .unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_kproxy")])
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args([
+            "--oom-score-adj=500",
+            "--healthz-bind-address=127.0.0.1:10256",
+            "--metrics-bind-address=",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let path = format!("/proc/{}/oom_score_adj", child.id());
+    let start = std::time::Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        seen = std::fs::read_to_string(&path).unwrap_or_default();
+        if seen.trim() == "500" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.trim(), "500");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -176,9 +176,10 @@ impl Drop for Bed {
 
 fn rules_in(ns: &Netns, mode: &str, backend: &str) -> String {
     if mode == "nftables" {
-        ns.exec(&["nft", "list", "table", "ip", "kube-proxy"]).1
+        ns.exec_status(&["nft", "list", "table", "ip", "kube-proxy"])
+            .1
     } else {
-        ns.exec(&[&format!("iptables-{backend}-save")]).1
+        ns.exec_status(&[&format!("iptables-{backend}-save")]).1
     }
 }
 
@@ -417,7 +418,7 @@ fn kill_during_apply(mode: &'static str) {
     )
     .unwrap();
     let snap_s = snap.display().to_string();
-    let (ok, _, err) = fresh_ns.exec(&[
+    let (ok, _, err) = fresh_ns.exec_status(&[
         "env",
         "KPROXY_IPTABLES_BACKEND=nft",
         env!("CARGO_BIN_EXE_kproxy"),
@@ -580,11 +581,11 @@ fn netlink_batch_refused_reports_operation_and_keeps_rules() {
         .to_string();
     // Another program's rule in kproxy's table uses the affinity set: the kernel will
     // refuse to delete it (EBUSY), so a batch that drops the affinity fails whole.
-    let (ok, _, err) = bed
-        .ns
-        .exec(&["nft", "add", "chain", "ip", "kube-proxy", "zz-foreign"]);
+    let (ok, _, err) =
+        bed.ns
+            .exec_status(&["nft", "add", "chain", "ip", "kube-proxy", "zz-foreign"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = bed.ns.exec(&[
+    let (ok, _, err) = bed.ns.exec_status(&[
         "nft",
         "add",
         "rule",
@@ -641,9 +642,9 @@ fn netlink_batch_refused_reports_operation_and_keeps_rules() {
         "the refused sync is not counted"
     );
     // The obstacle goes: the retry applies both changes.
-    let (ok, _, err) = bed
-        .ns
-        .exec(&["nft", "delete", "chain", "ip", "kube-proxy", "zz-foreign"]);
+    let (ok, _, err) =
+        bed.ns
+            .exec_status(&["nft", "delete", "chain", "ip", "kube-proxy", "zz-foreign"]);
     assert!(ok, "{err}");
     bed.wait_for(
         "the retried sync",

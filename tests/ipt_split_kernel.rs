@@ -17,7 +17,7 @@ use netns::{require_root, Netns};
 /// `iptables-nft-save` as chain → rules, counters and comments dropped (chain order in
 /// the listing follows creation order, which pieces change on purpose).
 fn rules(ns: &Netns) -> BTreeMap<(String, String), Vec<String>> {
-    let (ok, out, err) = ns.exec(&["iptables-nft-save"]);
+    let (ok, out, err) = ns.exec_status(&["iptables-nft-save"]);
     assert!(ok, "{err}");
     let mut table = String::new();
     let mut m: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
@@ -77,7 +77,7 @@ fn pieces_equal_one_restore_in_the_kernel() {
     let pieces = Netns::new("iptp");
     for ns in [&whole, &pieces] {
         for t in ["filter", "nat"] {
-            let (ok, _, err) = ns.exec(&["iptables-nft", "-t", t, "-S"]);
+            let (ok, _, err) = ns.exec_status(&["iptables-nft", "-t", t, "-S"]);
             assert!(ok, "{err}");
         }
     }

@@ -2,98 +2,21 @@
 //! ruleset, the TestSyncProxyRulesRepeated sequence with upstream's operation counts,
 //! and the element assertions, compared after upstream's normalization.
 
+#[path = "support/vectors.rs"]
+mod vectors;
+
 use std::fs;
-use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::IpNet;
-use kproxy::config::{Config, FamilySettings};
-use kproxy::model::{ClusterState, IpFamily, NodeContext, ProxyState};
+use kproxy::config::FamilySettings;
+use kproxy::model::{ClusterState, NodeContext, ProxyState};
 use kproxy::nftables::fake::Fake;
 use kproxy::nftables::render::{NftRenderer, RenderOptions, Rendered};
 use kproxy::nftables::text::normalize;
 use kproxy::snapshot;
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/upstream/nftables")
-}
-
-fn yaml(p: &Path) -> Value {
-    serde_yaml_ng::from_str(
-        &fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
-}
-
-fn dirs() -> Vec<PathBuf> {
-    let mut d: Vec<PathBuf> = fs::read_dir(root())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("config.yaml").exists())
-        .collect();
-    d.sort();
-    d
-}
-
-/// Upstream's nftables fake proxier, from a vector's config.yaml.
-fn settings(cfg: &Value) -> (FamilySettings, Vec<IpNet>) {
-    let family = if cfg["family"].as_str() == Some("IPv6") {
-        IpFamily::V6
-    } else {
-        IpFamily::V4
-    };
-    let mut config = Config {
-        masquerade_all: cfg["masqueradeAll"].as_bool().unwrap_or(false),
-        ..Config::default()
-    };
-    if let Some(b) = cfg["masqueradeBit"].as_u64() {
-        config.masquerade_bit = b as u32;
-    }
-    config.nodeport_addresses = cfg["nodePortAddresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    let det = &cfg["localDetector"];
-    if det["mode"].as_str().unwrap_or("ClusterCIDR") == "ClusterCIDR" {
-        let field = if family == IpFamily::V6 {
-            "clusterCIDRv6"
-        } else {
-            "clusterCIDR"
-        };
-        let cidr = det[field]
-            .as_str()
-            .or_else(|| det["clusterCIDR"].as_str())
-            .and_then(|c| c.parse::<IpNet>().ok())
-            .filter(|c| IpFamily::of_net(c) == family)
-            .or_else(|| (family == IpFamily::V6).then(|| "fd00:10::/64".parse().unwrap()));
-        config.cluster_cidrs = cidr.into_iter().collect();
-    }
-    let mut addrs = Vec::new();
-    for iface in cfg["interfaces"].as_array().into_iter().flatten() {
-        for a in iface["addresses"].as_array().into_iter().flatten() {
-            if let Some(n) = a.as_str().and_then(|a| a.parse().ok()) {
-                addrs.push(n);
-            }
-        }
-    }
-    let node_name = cfg["nodeName"].as_str().unwrap_or("test-node");
-    let mut fs = config.family_settings(family, node_name, None, &addrs);
-    fs.node_ip = cfg["nodeIP"]
-        .as_str()
-        .and_then(|s| s.parse::<IpAddr>().ok());
-    let cidrs = cfg["serviceCIDRs"]
-        .as_str()
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|c| c.trim().parse::<IpNet>().ok())
-        .filter(|c| IpFamily::of_net(c) == family)
-        .collect();
-    (fs, cidrs)
-}
+use vectors::{nft_settings as settings, nft_vector_dirs as dirs, yaml};
 
 fn load_state(text: &str) -> ClusterState {
     let snap = snapshot::load_str(text, "cluster.yaml").unwrap();
@@ -345,4 +268,112 @@ fn load_balancer_ip_mode_element_assertions() {
         }
     }
     assert!(checked >= 3);
+}
+
+/// Upstream's packet-flow expectations (flows.yaml), traced through kproxy's own
+/// rendered table (every phase, including those after EndpointSlices are deleted), and
+/// through the research model's rulesets (`derived.nft`), which checks the tracer itself.
+mod flows {
+    use crate::vectors::{nft_check_flows, nft_local_ips, nft_settings, nft_vector_dirs, yaml};
+    use kproxy::model::NodeContext;
+    use kproxy::nftables::render::{NftRenderer, RenderOptions};
+    use kproxy::nftables::text::transaction_text;
+    use kproxy::snapshot;
+    use kproxy::trace::nftables::Table;
+    use serde_json::Value;
+    use std::fs;
+
+    #[test]
+    fn upstream_flows_through_our_rules() {
+        let mut failures = Vec::new();
+        let mut flows = 0;
+        for dir in nft_vector_dirs()
+            .into_iter()
+            .filter(|d| d.join("flows.yaml").exists())
+        {
+            let cfg = yaml(&dir.join("config.yaml"));
+            let (settings, cidrs) = nft_settings(&cfg);
+            let mut state =
+                snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
+                    .unwrap()
+                    .state;
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local = nft_local_ips(&spec);
+            let node = NodeContext {
+                name: settings.node_name.clone(),
+                zone: None,
+                prefer_same_node: true,
+            };
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                for d in phase["deleteEndpointSlices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let (ns, name) = match d {
+                        Value::String(s) => {
+                            let (ns, n) = s.split_once('/').unwrap();
+                            (ns.to_string(), n.to_string())
+                        }
+                        _ => (
+                            d["namespace"].as_str().unwrap().to_string(),
+                            d["name"].as_str().unwrap().to_string(),
+                        ),
+                    };
+                    assert!(
+                        state.remove_slice(&ns, &name),
+                        "{}: no slice {ns}/{name}",
+                        dir.display()
+                    );
+                }
+                let mut ps = state.proxy_state(settings.family, &node);
+                ps.service_cidrs = cidrs.clone();
+                let text = transaction_text(
+                    &NftRenderer::new(settings.clone())
+                        .render(&ps, &RenderOptions::default())
+                        .main,
+                );
+                let table = Table::parse(&text).unwrap();
+                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
+            }
+        }
+        assert!(flows >= 50, "only {flows}");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    #[test]
+    fn tracer_reproduces_upstream_flows_on_derived_rulesets() {
+        let mut failures = Vec::new();
+        let mut flows = 0;
+        for dir in nft_vector_dirs() {
+            let (Ok(text), true) = (
+                fs::read_to_string(dir.join("derived.nft")),
+                dir.join("flows.yaml").exists(),
+            ) else {
+                continue;
+            };
+            let table = Table::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local = nft_local_ips(&spec);
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                // derived.nft holds the initial state only.
+                if phase.get("deleteEndpointSlices").is_some() {
+                    continue;
+                }
+                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
+            }
+        }
+        assert!(flows >= 40, "only {flows} flows");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
 }

@@ -351,9 +351,9 @@ fn cleanup_deletes_only_our_tables_and_is_idempotent() {
     assert!(ok, "{err}");
     let kproxy = env!("CARGO_BIN_EXE_kproxy");
     for _ in 0..2 {
-        let (ok, _, err) = ns.exec(&[kproxy, "cleanup", "--mode", "nftables"]);
+        let (ok, _, err) = ns.exec_status(&[kproxy, "cleanup", "--mode", "nftables"]);
         assert!(ok, "cleanup: {err}");
     }
-    let (_, tables, _) = ns.exec(&["nft", "list", "tables"]);
+    let (_, tables, _) = ns.exec_status(&["nft", "list", "tables"]);
     assert_eq!(tables.trim(), "table ip other");
 }

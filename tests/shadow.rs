@@ -43,9 +43,9 @@ fn slice(ips: &[&str]) -> String {
 /// The rules as they stand, without the dump's timestamp comment.
 fn rules(ns: &Netns, mode: &str) -> String {
     let (_, out, _) = if mode == "nftables" {
-        ns.exec(&["nft", "list", "ruleset"])
+        ns.exec_status(&["nft", "list", "ruleset"])
     } else {
-        ns.exec(&["iptables-save"])
+        ns.exec_status(&["iptables-save"])
     };
     out.lines()
         .filter(|l| !l.starts_with('#'))

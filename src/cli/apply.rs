@@ -16,6 +16,9 @@ pub struct ApplyArgs {
     #[command(flatten)]
     /// Cluster and node inputs.
     pub inputs: InputArgs,
+    /// Apply even a snapshot without Services (it removes every Service rule).
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 /// `kproxy cleanup` flags.
@@ -29,6 +32,9 @@ pub struct CleanupArgs {
 /// Runs `kproxy apply`.
 pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
     let inputs = Inputs::load(&args.inputs)?;
+    if let (Some(why), false) = (&inputs.refuse_apply, args.allow_empty) {
+        return Err(CliError::usage(why.clone()));
+    }
     let start = Instant::now();
     let mut host = Host::with_addresses(Vec::new());
     // kproxy does not create nfacct counters; rules must not refer to them unless the

@@ -63,6 +63,8 @@ pub struct Inputs {
     pub families: Vec<FamilySettings>,
     /// Objects skipped as malformed (already logged).
     pub skipped: Vec<snapshot::Skipped>,
+    /// Why `apply` must refuse this snapshot without `--allow-empty` (no Services).
+    pub refuse_apply: Option<String>,
     /// Whether `--iptables-capabilities` was given (else dry-run assumes a modern host).
     pub capabilities_given: bool,
 }
@@ -120,10 +122,31 @@ impl Inputs {
             snapshot::load_path(&args.snapshot).map_err(|e| CliError::usage(e.to_string()))?;
         // The merge put --hostname-override over the file's, lower-cased.
         let wanted = config.hostname_override.clone();
-        let node_name = match snap.select_node(wanted.as_deref()) {
+        let node_name = match snap
+            .select_node(wanted.as_deref())
+            .map_err(|e| CliError::usage(e.to_string()))?
+        {
             Some(name) => name,
-            None => wanted.unwrap_or_else(system_hostname),
+            None => {
+                match local_addresses.iter().find(|a| !a.addr().is_loopback()) {
+                    Some(a) => tracing::warn!(
+                        "the snapshot holds no Node: the node IP comes from --local-address {}",
+                        a.addr()
+                    ),
+                    None => tracing::warn!(
+                        "the snapshot holds no Node and no --local-address was given: no node IP is known"
+                    ),
+                }
+                wanted.unwrap_or_else(system_hostname)
+            }
         };
+        let n = snap.selector_services_without_any_slice();
+        if n > 0 {
+            tracing::warn!(
+                "{n} Services have a selector but the snapshot holds no EndpointSlice at all: they render as having no endpoints (add endpointslices to the kubectl get)"
+            );
+        }
+        let refuse_apply = snap.refuse_for_apply();
         let mut state = snap.state;
         state.set_lb_ip_mode_gate(config.feature_gate("LoadBalancerIPMode"));
         let node_info = state.node().cloned();
@@ -159,6 +182,7 @@ impl Inputs {
             node,
             families,
             skipped: snap.skipped,
+            refuse_apply,
             capabilities_given: args.iptables_capabilities.is_some(),
         })
     }

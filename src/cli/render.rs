@@ -1,5 +1,7 @@
 //! `kproxy render`: the rules upstream kube-proxy would write, printed (dry run).
 
+use std::io::Write;
+
 use clap::Args;
 
 use super::inputs::{InputArgs, Inputs};
@@ -8,7 +10,7 @@ use crate::config::Mode;
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
-use crate::nftables::text::transaction_text;
+use crate::nftables::text::op_line;
 
 /// `kproxy render` flags.
 #[derive(Debug, Clone, Args)]
@@ -20,7 +22,16 @@ pub struct RenderArgs {
 
 /// Renders the full ruleset for every requested family as text.
 pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
-    let mut out = String::new();
+    let mut out = Vec::new();
+    write_rendered(inputs, &mut out)?;
+    String::from_utf8(out).map_err(|e| CliError::failed(format!("rendered text: {e}")))
+}
+
+/// Writes the full ruleset for every requested family, one family at a time and (in
+/// nftables mode) one operation at a time: a 10k-Service ruleset is tens of megabytes,
+/// and holding it as one string beside the transaction was a good part of the peak.
+pub fn write_rendered(inputs: &Inputs, w: &mut impl Write) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::failed(format!("writing the rules: {e}"));
     let several = inputs.families.len() > 1;
     for settings in &inputs.families {
         let state = inputs.state.proxy_state(settings.family, &inputs.node);
@@ -30,7 +41,7 @@ pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
                 (Mode::Iptables, IpFamily::V6) => "ip6tables-restore",
                 (Mode::Nftables, _) => "nft -f",
             };
-            out.push_str(&format!("# {} ({tool} input)\n", settings.family.label()));
+            writeln!(w, "# {} ({tool} input)", settings.family.label()).map_err(io)?;
         }
         match inputs.config.mode {
             Mode::Iptables => {
@@ -42,22 +53,27 @@ pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
                         ..RenderOptions::default()
                     },
                 );
-                out.push_str(&rendered.payload);
+                w.write_all(rendered.payload.as_bytes()).map_err(io)?;
             }
             Mode::Nftables => {
                 let r = NftRenderer::new(settings.clone());
                 let rendered = r.render(&state, &NftRenderOptions::default());
-                out.push_str(&transaction_text(&rendered.main));
+                let tx = &rendered.main;
+                for op in &tx.ops {
+                    writeln!(w, "{}", op_line(tx.family, &tx.table, op)).map_err(io)?;
+                }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Runs `kproxy render`.
 pub fn run(args: &RenderArgs) -> Result<(), CliError> {
     let inputs = Inputs::load(&args.inputs)?;
-    let text = render_text(&inputs)?;
-    print!("{text}");
-    Ok(())
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::new(stdout.lock());
+    write_rendered(&inputs, &mut w)?;
+    w.flush()
+        .map_err(|e| CliError::failed(format!("writing the rules: {e}")))
 }

@@ -6,8 +6,6 @@
 pub const HONOURED: &[(&str, bool)] = &[
     ("LoadBalancerIPMode", true),
     ("PreferSameTrafficDistribution", true),
-    ("ServiceTrafficDistribution", true),
-    ("TopologyAwareHints", true),
 ];
 
 /// Gates kube-proxy's flag accepts (Kubernetes 1.33–1.35 and shortly before) that have
@@ -184,6 +182,8 @@ pub const KNOWN: &[&str] = &[
     "SELinuxMountReadWriteOncePod",
     "SeparateCacheWatchRPC",
     "SeparateTaintEvictionController",
+    "ServiceTrafficDistribution",
+    "TopologyAwareHints",
     "ServiceAccountNodeAudienceRestriction",
     "ServiceAccountTokenJTI",
     "ServiceAccountTokenNodeBinding",

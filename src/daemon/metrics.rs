@@ -52,6 +52,12 @@ struct FamilyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SkipLabels {
+    kind: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabels {
     ip_family: &'static str,
     table: String,
@@ -135,7 +141,7 @@ struct Inner {
     livez: Family<CodeLabels, Counter>,
     conntrack_duration: HistogramFamily,
     conntrack_deleted: Family<FamilyLabels, Counter>,
-    skipped_objects: Counter,
+    skipped_objects: Family<SkipLabels, Counter>,
     shadow_differences: Family<ModeLabels, Gauge>,
     /// Shadow mode: the last comparison's report, served on `/debug/diff`.
     last_diff: std::sync::Mutex<Option<String>>,
@@ -194,7 +200,7 @@ impl Metrics {
             livez: Family::default(),
             conntrack_duration: sync_histograms(),
             conntrack_deleted: Family::default(),
-            skipped_objects: Counter::default(),
+            skipped_objects: Family::default(),
             shadow_differences: Family::default(),
             last_diff: std::sync::Mutex::new(None),
             configz: std::sync::Mutex::new(None),
@@ -314,7 +320,7 @@ impl Metrics {
             ),
             e(
                 "kproxy_skipped_objects",
-                "Malformed Services and EndpointSlices skipped",
+                "Malformed objects skipped, by kind and reason",
                 m.skipped_objects.clone(),
             ),
             e(
@@ -475,9 +481,12 @@ impl Metrics {
             .inc_by(deleted as u64);
     }
 
-    /// A malformed object was skipped.
-    pub fn skipped_object(&self) {
-        self.inner.skipped_objects.inc();
+    /// A malformed object of `kind` was skipped for a reason of category `reason`.
+    pub fn skipped_object(&self, kind: &'static str, reason: &'static str) {
+        self.inner
+            .skipped_objects
+            .get_or_create(&SkipLabels { kind, reason })
+            .inc();
     }
 
     /// A Service (or EndpointSlice) event arrived.
@@ -702,7 +711,7 @@ mod tests {
         m.change(true);
         m.change(true);
         m.change(false);
-        m.skipped_object();
+        m.skipped_object("Service", "port_name");
     }
 
     const ALL: &[(&str, &str)] = &[
@@ -782,7 +791,6 @@ mod tests {
                 "gauge",
             ),
             ("kubeproxy_sync_proxy_rules_service_changes", "counter"),
-            ("kproxy_skipped_objects", "counter"),
         ]
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
@@ -793,7 +801,6 @@ mod tests {
             "kubeproxy_sync_proxy_rules_endpoint_changes_total",
             "kubeproxy_sync_proxy_rules_service_changes_pending",
             "kubeproxy_sync_proxy_rules_service_changes_total",
-            "kproxy_skipped_objects_total",
         ] {
             assert_eq!(sample(&text, s).as_deref(), Some("0"), "{s} in\n{text}");
         }
@@ -886,7 +893,10 @@ mod tests {
             ("kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}", "4"),
             ("kubeproxy_sync_proxy_rules_endpoint_changes_total", "2"),
             ("kubeproxy_sync_proxy_rules_service_changes_total", "1"),
-            ("kproxy_skipped_objects_total", "1"),
+            (
+                "kproxy_skipped_objects_total{kind=\"Service\",reason=\"port_name\"}",
+                "1",
+            ),
         ] {
             assert_eq!(sample(&text, series).as_deref(), Some(value), "{series} in\n{text}");
         }

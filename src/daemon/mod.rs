@@ -7,6 +7,7 @@ pub mod configz;
 pub mod health;
 pub mod http;
 pub mod metrics;
+mod raw;
 pub mod shadow;
 pub mod sync;
 pub mod watch;

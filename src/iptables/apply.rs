@@ -194,7 +194,7 @@ pub fn detect_backend(exec: &dyn Exec) -> Backend {
 
 /// The jump rules kube-proxy keeps in the built-in chains (upstream §3.2), in order:
 /// (table, source chain, extra args, comment, target).
-pub const JUMPS: [(&str, &str, &[&str], &str, &str); 14] = [
+pub(crate) const JUMPS: [(&str, &str, &[&str], &str, &str); 14] = [
     (
         "filter",
         "INPUT",
@@ -317,11 +317,6 @@ impl<'e> Iptables<'e> {
         Iptables { exec, bins }
     }
 
-    /// The binaries in use.
-    pub fn binaries(&self) -> &Binaries {
-        &self.bins
-    }
-
     fn iptables(&self, args: &[&str]) -> Result<Output, ApplyError> {
         let mut full: Vec<&str> = WAIT.to_vec();
         full.extend_from_slice(args);
@@ -404,7 +399,7 @@ impl<'e> Iptables<'e> {
     }
 
     /// Creates a chain if missing (exit status 1 means it exists).
-    pub fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), ApplyError> {
+    pub(crate) fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), ApplyError> {
         let out = self.iptables(&["-N", chain, "-t", table])?;
         if out.code == 0 || out.code == 1 {
             return Ok(());
@@ -418,7 +413,7 @@ impl<'e> Iptables<'e> {
     }
 
     /// Ensures the jump rules from the built-in chains (full syncs only, as upstream).
-    pub fn ensure_jumps(&self) -> Result<(), ApplyError> {
+    pub(crate) fn ensure_jumps(&self) -> Result<(), ApplyError> {
         for (table, src, extra, comment, dst) in JUMPS {
             self.ensure_chain(table, dst)?;
             let mut rule: Vec<&str> = extra.to_vec();
@@ -432,7 +427,7 @@ impl<'e> Iptables<'e> {
     }
 
     /// Ensures the canary chains in mangle, nat and filter.
-    pub fn ensure_canaries(&self) -> Result<(), ApplyError> {
+    pub(crate) fn ensure_canaries(&self) -> Result<(), ApplyError> {
         for table in ["mangle", "nat", "filter"] {
             self.ensure_chain(table, CANARY)?;
         }
@@ -440,7 +435,7 @@ impl<'e> Iptables<'e> {
     }
 
     /// Whether the mangle canary is gone (someone flushed the tables: resync fully).
-    pub fn canary_missing(&self) -> bool {
+    pub(crate) fn canary_missing(&self) -> bool {
         self.iptables(&["-S", CANARY, "-t", "mangle"])
             .is_ok_and(|o| o.code != 0 && o.code != 4)
     }
@@ -529,7 +524,7 @@ impl<'e> Iptables<'e> {
 }
 
 /// "line N failed" -> the payload lines N-3..N+3, for the error message.
-pub fn failing_context(stderr: &str, payload: &str) -> String {
+pub(crate) fn failing_context(stderr: &str, payload: &str) -> String {
     let Some(n) = stderr
         .split("line ")
         .nth(1)

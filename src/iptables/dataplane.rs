@@ -14,7 +14,7 @@ use super::render::{RenderOptions, Rendered, Renderer};
 /// nat lines per restore when a large restore is applied in pieces (iptables-nft): a
 /// 10k-Service first sync goes in ~44 pieces, 16 s in all, instead of one restore of
 /// over 5 minutes (docs/benchmarks.md).
-pub const RESTORE_PIECE_LINES: usize = 10_000;
+pub(crate) const RESTORE_PIECE_LINES: usize = 10_000;
 
 /// What one sync did.
 #[derive(Debug, Clone)]
@@ -72,11 +72,6 @@ impl IptablesDataplane {
     /// Whether the next sync must be full.
     pub fn needs_full_sync(&self) -> bool {
         self.renderer.needs_full_sync()
-    }
-
-    /// Forces the next sync to be full (e.g. the canary chain vanished).
-    pub fn force_full_sync(&mut self) {
-        self.renderer.invalidate();
     }
 
     /// Renders and applies one sync. On failure nothing is recorded as applied and the

@@ -61,10 +61,6 @@ pub struct Rendered {
     pub deleted_chains: Vec<String>,
     /// Whether large-cluster mode (no per-endpoint comments) was on.
     pub large_cluster: bool,
-    /// Service ports with iTP=Local and endpoints elsewhere but none here.
-    pub no_local_internal: usize,
-    /// Service ports with eTP=Local and endpoints elsewhere but none here.
-    pub no_local_external: usize,
     /// Services whose chains this payload rewrites.
     pub services_written: usize,
     next: Applied,
@@ -115,12 +111,6 @@ impl Renderer {
         &self.settings
     }
 
-    /// Replaces the settings; the next sync is full.
-    pub fn set_settings(&mut self, settings: FamilySettings) {
-        self.settings = settings;
-        self.applied = None;
-    }
-
     /// Whether the next sync must be full (nothing applied yet, or a failure since).
     pub fn needs_full_sync(&self) -> bool {
         self.applied.is_none()
@@ -137,7 +127,7 @@ impl Renderer {
     }
 
     /// Per-service chains the renderer believes are in the kernel.
-    pub fn applied_chains(&self) -> BTreeSet<String> {
+    pub(crate) fn applied_chains(&self) -> BTreeSet<String> {
         self.applied
             .iter()
             .flat_map(|a| a.services.iter())
@@ -196,9 +186,9 @@ impl Renderer {
                     for port in group {
                         let names = PortChains::new(&port.svc.name);
                         w.capture_rules(port, &names, &mut capture);
-                        let before = w.nat_rule_lines;
+                        let before = w.nat_rules.lines;
                         w.service_chains(port, &names, &mut chains);
-                        service_lines += w.nat_rule_lines - before;
+                        service_lines += w.nat_rules.lines - before;
                     }
                     w.push_capture(&capture);
                     if previous.is_some() {
@@ -279,15 +269,43 @@ pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
-/// The capture rules of one Service (what every sync writes for it), with counts.
+/// Rule text that counts its lines as it is written (one rule per line: names are
+/// validated at the model boundary and never contain a newline), so the rule counts
+/// upstream reports as metrics are derived from the output, not kept beside it.
+#[derive(Debug, Default, Clone)]
+struct RuleLines {
+    text: String,
+    lines: usize,
+}
+
+impl std::fmt::Write for RuleLines {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.lines += s.bytes().filter(|b| *b == b'\n').count();
+        self.text.push_str(s);
+        Ok(())
+    }
+}
+
+impl RuleLines {
+    /// Appends one rule.
+    fn line(&mut self, rule: &str) {
+        self.text.push_str(rule);
+        self.text.push('\n');
+        self.lines += 1;
+    }
+
+    /// Appends another buffer's rules.
+    fn append(&mut self, other: &RuleLines) {
+        self.text.push_str(&other.text);
+        self.lines += other.lines;
+    }
+}
+
+/// The capture rules of one Service (what every sync writes for it).
 #[derive(Debug, Default)]
 struct CaptureText {
-    nat: String,
-    nat_lines: usize,
-    filter: String,
-    filter_lines: usize,
-    no_local_internal: usize,
-    no_local_external: usize,
+    nat: RuleLines,
+    filter: RuleLines,
 }
 
 /// Probability strings, computed once per endpoint count.
@@ -313,16 +331,12 @@ struct Writer<'s> {
     large: bool,
     family: IpFamily,
     filter_chains: String,
-    filter_rules: String,
-    filter_rule_lines: usize,
+    filter_rules: RuleLines,
     nat_chains: String,
-    nat_rules: String,
-    nat_rule_lines: usize,
+    nat_rules: RuleLines,
     nat_rules_discarded: usize,
     services_written: usize,
     probabilities: Probabilities,
-    no_local_internal: usize,
-    no_local_external: usize,
 }
 
 impl<'s> Writer<'s> {
@@ -332,16 +346,12 @@ impl<'s> Writer<'s> {
             large,
             family,
             filter_chains: String::new(),
-            filter_rules: String::new(),
-            filter_rule_lines: 0,
+            filter_rules: RuleLines::default(),
             nat_chains: String::new(),
-            nat_rules: String::new(),
-            nat_rule_lines: 0,
+            nat_rules: RuleLines::default(),
             nat_rules_discarded: 0,
             services_written: 0,
             probabilities: Probabilities::default(),
-            no_local_internal: 0,
-            no_local_external: 0,
         };
         for c in [
             KUBE_SERVICES,
@@ -390,24 +400,16 @@ impl<'s> Writer<'s> {
     }
 
     fn filter_rule(&mut self, line: String) {
-        self.filter_rules.push_str(&line);
-        self.filter_rules.push('\n');
-        self.filter_rule_lines += 1;
+        self.filter_rules.line(&line);
     }
 
     fn nat_rule(&mut self, line: String) {
-        self.nat_rules.push_str(&line);
-        self.nat_rules.push('\n');
-        self.nat_rule_lines += 1;
+        self.nat_rules.line(&line);
     }
 
     fn push_capture(&mut self, c: &CaptureText) {
-        self.nat_rules.push_str(&c.nat);
-        self.nat_rule_lines += c.nat_lines;
-        self.filter_rules.push_str(&c.filter);
-        self.filter_rule_lines += c.filter_lines;
-        self.no_local_internal += c.no_local_internal;
-        self.no_local_external += c.no_local_external;
+        self.nat_rules.append(&c.nat);
+        self.filter_rules.append(&c.filter);
     }
 
     fn not_local(&self) -> Option<String> {
@@ -437,7 +439,7 @@ impl<'s> Writer<'s> {
     /// every sync (KUBE-SERVICES, KUBE-NODEPORTS and the filter table).
     fn capture_rules(&self, port: &PortPlan, chains: &PortChains, out: &mut CaptureText) {
         let svc = &port.svc;
-        let spn = svc.name.to_string();
+        let spn = comment_text(&svc.name.to_string()).into_owned();
         let proto = svc.name.protocol.lower();
         let f = PortFlags::of(port).for_iptables();
 
@@ -446,12 +448,6 @@ impl<'s> Writer<'s> {
         } else {
             ("DROP", "DROP", "has no local endpoints")
         };
-        if f.has_endpoints && !f.has_internal {
-            out.no_local_internal += 1;
-        }
-        if f.has_endpoints && !f.has_external {
-            out.no_local_external += 1;
-        }
         let internal_chain = if svc.internal_policy_local {
             &chains.svl
         } else {
@@ -467,13 +463,11 @@ impl<'s> Writer<'s> {
                 out.nat,
                 "-A KUBE-SERVICES -m comment --comment \"{spn} cluster IP\" -m {proto} -p {proto} -d {cip} --dport {p} -j {internal_chain}"
             );
-            out.nat_lines += 1;
         } else {
             let _ = writeln!(
                 out.filter,
                 "-A KUBE-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {cip} --dport {p} -j {int_target}"
             );
-            out.filter_lines += 1;
         }
         // 2. External IPs.
         for x in &svc.external_ips {
@@ -483,14 +477,12 @@ impl<'s> Writer<'s> {
                     "-A KUBE-SERVICES -m comment --comment \"{spn} external IP\" -m {proto} -p {proto} -d {x} --dport {p} -j {}",
                     chains.ext
                 );
-                out.nat_lines += 1;
             }
             if !f.has_external {
                 let _ = writeln!(
                     out.filter,
                     "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {x} --dport {p} -j {ext_target}"
                 );
-                out.filter_lines += 1;
             }
         }
         // 3. Load-balancer VIPs.
@@ -500,7 +492,6 @@ impl<'s> Writer<'s> {
                     out.nat,
                     "-A KUBE-SERVICES -m comment --comment \"{spn} loadbalancer IP\" -m {proto} -p {proto} -d {vip} --dport {p} -j {lb_target}"
                 );
-                out.nat_lines += 1;
             }
             if f.uses_fw {
                 let _ = writeln!(
@@ -508,7 +499,6 @@ impl<'s> Writer<'s> {
                     "-A KUBE-PROXY-FIREWALL -m comment --comment \"{spn} traffic not accepted by {}\" -m {proto} -p {proto} -d {vip} --dport {p} -j DROP",
                     chains.fw
                 );
-                out.filter_lines += 1;
             }
         }
         // 4. No usable external endpoints: drop/reject at the VIPs.
@@ -518,7 +508,6 @@ impl<'s> Writer<'s> {
                     out.filter,
                     "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m {proto} -p {proto} -d {vip} --dport {p} -j {ext_target}"
                 );
-                out.filter_lines += 1;
             }
         }
         // 5. NodePort.
@@ -534,21 +523,18 @@ impl<'s> Writer<'s> {
                         "-A KUBE-NODEPORTS -m comment --comment {spn} -m {proto} -p {proto} -d 127.0.0.0/8 --dport {np} -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {}",
                         chains.ext
                     );
-                    out.nat_lines += 1;
                 }
                 let _ = writeln!(
                     out.nat,
                     "-A KUBE-NODEPORTS -m comment --comment {spn} -m {proto} -p {proto} --dport {np} -j {}",
                     chains.ext
                 );
-                out.nat_lines += 1;
             }
             if !f.has_external {
                 let _ = writeln!(
                     out.filter,
                     "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{spn} {why}\" -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {ext_target}"
                 );
-                out.filter_lines += 1;
             }
         }
         // 6. Health-check node port: always accepted, whatever the endpoints.
@@ -558,7 +544,6 @@ impl<'s> Writer<'s> {
                 "-A KUBE-NODEPORTS -m comment --comment \"{spn} health check node port\" -m tcp -p tcp --dport {} -j ACCEPT",
                 svc.health_check_node_port
             );
-            out.filter_lines += 1;
         }
     }
 
@@ -571,7 +556,7 @@ impl<'s> Writer<'s> {
         chains_out: &mut Vec<String>,
     ) {
         let svc = &port.svc;
-        let spn = svc.name.to_string();
+        let spn = comment_text(&svc.name.to_string()).into_owned();
         let proto = svc.name.protocol.lower();
         let f = PortFlags::of(port).for_iptables();
         // Endpoint chain names, hashed once per endpoint (cluster and local endpoints are
@@ -605,7 +590,6 @@ impl<'s> Writer<'s> {
                     self.nat_rules,
                     "-A {internal_chain} -m comment --comment \"{spn} cluster IP\" -m {proto} -p {proto} -d {cip} --dport {p}{extra} -j KUBE-MARK-MASQ"
                 );
-                self.nat_rule_lines += 1;
             }
         }
         // 8. External-destination chain.
@@ -618,7 +602,6 @@ impl<'s> Writer<'s> {
                     self.nat_rules,
                     "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ"
                 );
-                self.nat_rule_lines += 1;
             } else {
                 if let Some(local) = self.is_local() {
                     let _ = writeln!(
@@ -626,7 +609,6 @@ impl<'s> Writer<'s> {
                         "-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" {local} -j {}",
                         chains.svc
                     );
-                    self.nat_rule_lines += 1;
                 }
                 let _ = writeln!(
                     self.nat_rules,
@@ -637,11 +619,9 @@ impl<'s> Writer<'s> {
                     "-A {ext} -m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {}",
                     chains.svc
                 );
-                self.nat_rule_lines += 2;
             }
             if f.has_external {
                 let _ = writeln!(self.nat_rules, "-A {ext} -j {external_policy_chain}");
-                self.nat_rule_lines += 1;
             }
         }
         // 9. Source-range firewall chain.
@@ -655,7 +635,6 @@ impl<'s> Writer<'s> {
                     "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {r} -j {}",
                     chains.ext
                 );
-                self.nat_rule_lines += 1;
             }
             // A node that is itself allowed may reach the VIP after being SNATed to it.
             let node_allowed = self
@@ -669,14 +648,12 @@ impl<'s> Writer<'s> {
                         "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {vip} -j {}",
                         chains.ext
                     );
-                    self.nat_rule_lines += 1;
                 }
             }
             let _ = writeln!(
                 self.nat_rules,
                 "-A {fw} -m comment --comment \"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL\""
             );
-            self.nat_rule_lines += 1;
         }
         // 10. / 11. Policy chains.
         if f.uses_cluster_chain {
@@ -727,7 +704,6 @@ impl<'s> Writer<'s> {
                     ep.port
                 ),
             };
-            self.nat_rule_lines += 2;
             chains_out.push(sep);
         }
     }
@@ -746,7 +722,7 @@ impl<'s> Writer<'s> {
                 .unwrap_or_else(|| endpoint_chain(&port.svc.name, &port.endpoints[i]))
         };
         let large = self.large;
-        let comment = |buf: &mut String, i: usize| {
+        let comment = |buf: &mut RuleLines, i: usize| {
             if !large {
                 let ep = &port.endpoints[i];
                 let _ = match ep.ip {
@@ -768,7 +744,6 @@ impl<'s> Writer<'s> {
                     self.nat_rules,
                     " -m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}"
                 );
-                self.nat_rule_lines += 1;
             }
         }
         let n = which.len();
@@ -784,7 +759,6 @@ impl<'s> Writer<'s> {
                 );
             }
             let _ = writeln!(self.nat_rules, " -j {sep}");
-            self.nat_rule_lines += 1;
         }
     }
 
@@ -813,7 +787,7 @@ impl<'s> Writer<'s> {
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
         );
 
-        let rules_before_x = self.nat_rule_lines;
+        let rules_before_x = self.nat_rules.lines;
         for chain in deleted {
             self.nat_chain(chain);
         }
@@ -851,18 +825,18 @@ impl<'s> Writer<'s> {
 
         let mut payload = String::with_capacity(
             self.filter_chains.len()
-                + self.filter_rules.len()
+                + self.filter_rules.text.len()
                 + self.nat_chains.len()
-                + self.nat_rules.len()
+                + self.nat_rules.text.len()
                 + x_lines.len()
                 + 256,
         );
         payload.push_str("*filter\n");
         payload.push_str(&self.filter_chains);
-        payload.push_str(&self.filter_rules);
+        payload.push_str(&self.filter_rules.text);
         payload.push_str("COMMIT\n*nat\n");
         payload.push_str(&self.nat_chains);
-        payload.push_str(&self.nat_rules);
+        payload.push_str(&self.nat_rules.text);
         payload.push_str(&x_lines);
         for l in &tail {
             payload.push_str(l);
@@ -874,22 +848,89 @@ impl<'s> Writer<'s> {
         Rendered {
             payload,
             full,
-            filter_rules: self.filter_rule_lines,
+            filter_rules: self.filter_rules.lines,
             nat_rules,
             nat_rules_total: nat_rules + self.nat_rules_discarded,
             deleted_chains: deleted.to_vec(),
             large_cluster: large,
-            no_local_internal: self.no_local_internal,
-            no_local_external: self.no_local_external,
             services_written: self.services_written,
             next,
         }
     }
 }
 
+/// Longest text xt_comment keeps (256 bytes with the NUL); the longest fixed text
+/// around a service port name is under 60 bytes.
+const COMMENT_TEXT_MAX: usize = 190;
+
+/// A service port name as it may appear in a `--comment`, quoted or not. Validated
+/// names pass unchanged (so the rules stay upstream's byte for byte); anything else is
+/// defused — a character that could end the argument, the line or the quote becomes
+/// `_`, and the text is cut to what xt_comment holds — so no name can ever inject a
+/// rule into `iptables-restore` input.
+pub(crate) fn comment_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '/' | ':');
+    if s.len() <= COMMENT_TEXT_MAX && s.chars().all(safe) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out: String = s.chars().map(|c| if safe(c) { c } else { '_' }).collect();
+    out.truncate(COMMENT_TEXT_MAX);
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `-A` lines of one table's section of a restore payload.
+    fn rule_lines(payload: &str, table: &str) -> usize {
+        payload
+            .split("COMMIT\n")
+            .find(|t| t.trim_start().starts_with(&format!("*{table}")))
+            .map_or(0, |t| t.lines().filter(|l| l.starts_with("-A ")).count())
+    }
+
+    #[test]
+    fn rule_counts_are_the_lines_written() {
+        use crate::config::Config;
+        use crate::model::{synthetic, NodeContext};
+        let settings = Config::default().family_settings(IpFamily::V4, "node-1", None, &[]);
+        let node = NodeContext {
+            name: "node-1".into(),
+            zone: None,
+            prefer_same_node: false,
+        };
+        let mut r = Renderer::new(settings);
+        let full = r.render(
+            &synthetic::cluster(12, 3).proxy_state(IpFamily::V4, &node),
+            &RenderOptions::default(),
+        );
+        assert!(full.full);
+        assert_eq!(full.filter_rules, rule_lines(&full.payload, "filter"));
+        assert_eq!(full.nat_rules, rule_lines(&full.payload, "nat"));
+        assert_eq!(full.nat_rules_total, full.nat_rules);
+        r.commit(full.clone());
+        // A partial sync writes one Service's chains; the others count towards the
+        // total without being written.
+        let partial = r.render(
+            &synthetic::cluster(13, 3).proxy_state(IpFamily::V4, &node),
+            &RenderOptions::default(),
+        );
+        assert!(!partial.full);
+        assert_eq!(partial.nat_rules, rule_lines(&partial.payload, "nat"));
+        assert!(partial.nat_rules < full.nat_rules);
+        assert!(partial.nat_rules_total > full.nat_rules_total);
+    }
+
+    #[test]
+    fn comment_text_defuses_what_restore_would_read() {
+        assert_eq!(comment_text("ns/svc:http"), "ns/svc:http");
+        assert_eq!(
+            comment_text("x\n-A KUBE-SERVICES -j ACCEPT\n#\"é"),
+            "x_-A_KUBE-SERVICES_-j_ACCEPT____"
+        );
+        assert_eq!(comment_text(&"a".repeat(1000)).len(), COMMENT_TEXT_MAX);
+    }
 
     #[test]
     fn probabilities_match_upstream() {

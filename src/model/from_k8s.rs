@@ -9,6 +9,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as networking;
 
 use super::ip::{parse_cidr_sloppy, parse_ip_sloppy};
+use super::validate::{self, shown};
 use super::{
     EndpointSlice, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, Service, ServiceType,
     SliceEndpoint, SlicePort,
@@ -34,7 +35,19 @@ pub enum SkipReason {
     Ignored(&'static str),
     /// The object is malformed.
     #[error("{0}")]
-    Invalid(String),
+    Invalid(Invalid),
+}
+
+/// A malformed object: a short category for the metric's `reason` label and a message
+/// naming the field and the offending value (escaped, cut to a readable length).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    /// Category: `name`, `namespace`, `port_name`, `port`, `ip`, `affinity_timeout`,
+    /// `enum`, `duplicate_port`, `label`, `decode`.
+    pub reason: &'static str,
+    /// What is wrong, for the log line and the snapshot's skipped list.
+    pub message: String,
 }
 
 impl SkipReason {
@@ -42,10 +55,38 @@ impl SkipReason {
     pub fn is_invalid(&self) -> bool {
         matches!(self, SkipReason::Invalid(_))
     }
+
+    /// A malformed object of category `reason`.
+    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+        SkipReason::Invalid(Invalid {
+            reason,
+            message: message.into(),
+        })
+    }
 }
 
-fn invalid(msg: impl Into<String>) -> SkipReason {
-    SkipReason::Invalid(msg.into())
+fn invalid(reason: &'static str, msg: impl Into<String>) -> SkipReason {
+    SkipReason::invalid(reason, msg)
+}
+
+fn check(reason: &'static str, r: Result<(), String>) -> Result<(), SkipReason> {
+    r.map_err(|m| invalid(reason, m))
+}
+
+/// Namespace (DNS-1123 label) and name (`name_rule`) of an object, as the API server
+/// validates them.
+fn check_key(key: &ObjectKey, name_rule: fn(&str) -> Result<(), String>) -> Result<(), SkipReason> {
+    if key.name.is_empty() {
+        return Err(invalid("name", "metadata.name is empty"));
+    }
+    check(
+        "namespace",
+        validate::dns1123_label(&key.namespace).map_err(|m| format!("metadata.namespace {m}")),
+    )?;
+    check(
+        "name",
+        name_rule(&key.name).map_err(|m| format!("metadata.name {m}")),
+    )
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -59,7 +100,7 @@ fn port_u16(v: i32, what: &str) -> Result<u16, SkipReason> {
     u16::try_from(v)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| invalid(format!("{what} {v} is out of range 1-65535")))
+        .ok_or_else(|| invalid("port", format!("{what} {v} is out of range 1-65535")))
 }
 
 fn opt_port_u16(v: Option<i32>, what: &str) -> Result<u16, SkipReason> {
@@ -72,9 +113,7 @@ fn opt_port_u16(v: Option<i32>, what: &str) -> Result<u16, SkipReason> {
 /// Converts a Service. Headless, ExternalName and other proxies' Services are `Ignored`.
 pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     let key = key_of(&svc.metadata);
-    if key.name.is_empty() {
-        return Err(invalid("metadata.name is empty"));
-    }
+    check_key(&key, validate::dns1035_label)?;
     if svc
         .metadata
         .labels
@@ -90,7 +129,12 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         Some("NodePort") => ServiceType::NodePort,
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => return Err(SkipReason::Ignored("ExternalName service")),
-        Some(other) => return Err(invalid(format!("unknown spec.type {other:?}"))),
+        Some(other) => {
+            return Err(invalid(
+                "enum",
+                format!("unknown spec.type {}", shown(other)),
+            ))
+        }
     };
     let primary = spec.cluster_ip.as_deref().unwrap_or("");
     if primary.is_empty() || primary == "None" {
@@ -102,8 +146,12 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     };
     let mut cluster_ips: Vec<IpAddr> = Vec::new();
     for raw in raw_ips {
-        let ip = parse_ip_sloppy(raw)
-            .ok_or_else(|| invalid(format!("spec.clusterIPs entry {raw:?} is not an IP")))?;
+        let ip = parse_ip_sloppy(raw).ok_or_else(|| {
+            invalid(
+                "ip",
+                format!("spec.clusterIPs entry {} is not an IP", shown(raw)),
+            )
+        })?;
         if !cluster_ips
             .iter()
             .any(|c| IpFamily::of(c) == IpFamily::of(&ip))
@@ -116,19 +164,29 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     let mut seen = BTreeSet::new();
     for p in spec.ports.as_deref().unwrap_or_default() {
         let name = p.name.clone().unwrap_or_default();
+        check(
+            "port_name",
+            validate::port_name(&name).map_err(|m| format!("spec.ports: {m}")),
+        )?;
         let protocol = Protocol::parse(p.protocol.as_deref()).ok_or_else(|| {
-            invalid(format!(
-                "port {name:?}: unknown protocol {:?}",
-                p.protocol.as_deref().unwrap_or_default()
-            ))
+            invalid(
+                "enum",
+                format!(
+                    "port {name:?}: unknown protocol {}",
+                    shown(p.protocol.as_deref().unwrap_or_default())
+                ),
+            )
         })?;
         let port = port_u16(p.port, &format!("port {name:?}: port"))?;
         let node_port = opt_port_u16(p.node_port, &format!("port {name:?}: nodePort"))?;
         if !seen.insert((name.clone(), protocol)) {
-            return Err(invalid(format!(
-                "duplicate port name {name:?} for protocol {}",
-                protocol.lower()
-            )));
+            return Err(invalid(
+                "duplicate_port",
+                format!(
+                    "duplicate port name {name:?} for protocol {}",
+                    protocol.lower()
+                ),
+            ));
         }
         ports.push(PortSpec {
             name,
@@ -170,12 +228,22 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
         else {
             continue;
         };
+        check(
+            "enum",
+            validate::one_of(
+                "status.loadBalancer.ingress.ipMode",
+                ingress.ip_mode.as_deref(),
+                &["VIP", "Proxy"],
+            ),
+        )?;
         if ingress.ip_mode.as_deref() == Some("Proxy") {
             lb_proxy_ips.push(ip);
         } else {
             lb_ips.push(ip);
         }
     }
+
+    check_service_enums(spec)?;
 
     // Upstream compares the raw type here: a Service without a type is not "ClusterIP".
     let externally_accessible_by_type = matches!(
@@ -198,7 +266,7 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
             .and_then(|c| c.client_ip.as_ref())
             .and_then(|c| c.timeout_seconds)
             .unwrap_or(10800);
-        Some(u32::try_from(t).map_err(|_| invalid(format!("session affinity timeout {t}")))?)
+        Some(validate::affinity_timeout(t).map_err(|m| invalid("affinity_timeout", m))?)
     } else {
         None
     };
@@ -220,12 +288,48 @@ pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     })
 }
 
+/// The Service enums kproxy reads, against the values the API server accepts: an
+/// unknown value is a Service the API server would never have stored, so it is skipped
+/// rather than guessed at.
+fn check_service_enums(spec: &core::ServiceSpec) -> Result<(), SkipReason> {
+    let enums: [(&str, Option<&str>, &[&str]); 4] = [
+        (
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+            &["Cluster", "Local"],
+        ),
+        (
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+            &["Cluster", "Local"],
+        ),
+        (
+            "spec.sessionAffinity",
+            spec.session_affinity.as_deref(),
+            &["None", "ClientIP"],
+        ),
+        (
+            "spec.trafficDistribution",
+            spec.traffic_distribution.as_deref(),
+            &["PreferClose", "PreferSameZone", "PreferSameNode"],
+        ),
+    ];
+    for (field, value, allowed) in enums {
+        check("enum", validate::one_of(field, value, allowed))?;
+    }
+    for f in spec.ip_families.as_deref().unwrap_or_default() {
+        check(
+            "enum",
+            validate::one_of("spec.ipFamilies", Some(f), &["IPv4", "IPv6"]),
+        )?;
+    }
+    Ok(())
+}
+
 /// Converts an EndpointSlice. FQDN and headless slices are `Ignored`.
 pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, SkipReason> {
     let key = key_of(&slice.metadata);
-    if key.name.is_empty() {
-        return Err(invalid("metadata.name is empty"));
-    }
+    check_key(&key, validate::dns1123_subdomain)?;
     let labels = slice.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
         return Err(SkipReason::Ignored("headless service slice"));
@@ -234,12 +338,21 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
         .filter(|s| !s.is_empty())
         .cloned()
-        .ok_or_else(|| invalid(format!("no {SERVICE_NAME_LABEL} label")))?;
+        .ok_or_else(|| invalid("label", format!("no {SERVICE_NAME_LABEL} label")))?;
+    check(
+        "label",
+        validate::label_value(&service).map_err(|m| format!("label {SERVICE_NAME_LABEL}: {m}")),
+    )?;
     let family = match slice.address_type.as_str() {
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,
         "FQDN" => return Err(SkipReason::Ignored("FQDN slice")),
-        other => return Err(invalid(format!("unknown addressType {other:?}"))),
+        other => {
+            return Err(invalid(
+                "enum",
+                format!("unknown addressType {}", shown(other)),
+            ))
+        }
     };
     let mut ports = Vec::new();
     for p in slice.ports.as_deref().unwrap_or_default() {
@@ -247,15 +360,21 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         let (Some(name), Some(num)) = (p.name.as_ref(), p.port) else {
             continue;
         };
-        if num == 0 {
-            continue;
-        }
+        check(
+            "port_name",
+            validate::port_name(name).map_err(|m| format!("ports: {m}")),
+        )?;
         let protocol = Protocol::parse(p.protocol.as_deref()).ok_or_else(|| {
-            invalid(format!(
-                "port {name:?}: unknown protocol {:?}",
-                p.protocol.as_deref().unwrap_or_default()
-            ))
+            invalid(
+                "enum",
+                format!(
+                    "port {name:?}: unknown protocol {}",
+                    shown(p.protocol.as_deref().unwrap_or_default())
+                ),
+            )
         })?;
+        // Port 0 would silently make the Service look endpoint-less; the API server
+        // refuses it, so the slice is refused loudly instead.
         ports.push(SlicePort {
             name: name.clone(),
             protocol,
@@ -267,13 +386,17 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         let Some(addr) = ep.addresses.first() else {
             continue;
         };
-        let ip = parse_ip_sloppy(addr.trim())
-            .ok_or_else(|| invalid(format!("endpoints[{i}]: address {addr:?} is not an IP")))?;
+        let ip = parse_ip_sloppy(addr.trim()).ok_or_else(|| {
+            invalid(
+                "ip",
+                format!("endpoints[{i}]: address {} is not an IP", shown(addr)),
+            )
+        })?;
         if IpFamily::of(&ip) != family {
-            return Err(invalid(format!(
-                "endpoints[{i}]: address {addr} is not {}",
-                family.label()
-            )));
+            return Err(invalid(
+                "ip",
+                format!("endpoints[{i}]: address {addr} is not {}", family.label()),
+            ));
         }
         let cond = ep.conditions.as_ref();
         let hints = ep.hints.as_ref();
@@ -307,8 +430,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
 pub fn node(node: &core::Node) -> Result<NodeInfo, SkipReason> {
     let name = node.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
-        return Err(invalid("metadata.name is empty"));
+        return Err(invalid("name", "metadata.name is empty"));
     }
+    check(
+        "name",
+        validate::dns1123_subdomain(&name).map_err(|m| format!("metadata.name {m}")),
+    )?;
     let zone = node
         .metadata
         .labels
@@ -364,8 +491,12 @@ pub fn service_cidr(
 ) -> Result<(String, Vec<ipnet::IpNet>), SkipReason> {
     let name = sc.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
-        return Err(invalid("metadata.name is empty"));
+        return Err(invalid("name", "metadata.name is empty"));
     }
+    check(
+        "name",
+        validate::dns1123_subdomain(&name).map_err(|m| format!("metadata.name {m}")),
+    )?;
     let mut cidrs = Vec::new();
     for c in sc
         .spec
@@ -375,7 +506,8 @@ pub fn service_cidr(
         .unwrap_or_default()
     {
         cidrs.push(
-            parse_cidr_sloppy(c).ok_or_else(|| invalid(format!("cidr {c:?} is not a CIDR")))?,
+            parse_cidr_sloppy(c)
+                .ok_or_else(|| invalid("ip", format!("cidr {} is not a CIDR", shown(c))))?,
         );
     }
     Ok((name, cidrs))

@@ -4,12 +4,14 @@
 //! that keep only what the proxy needs. [`ClusterState`] holds them keyed by object name;
 //! [`ClusterState::proxy_state`] derives the per-family view both renderers consume.
 
+pub mod decode;
 pub mod from_k8s;
 pub mod ip;
 mod port_flags;
 pub mod select;
 mod state;
 pub mod synthetic;
+pub mod validate;
 
 use std::fmt;
 use std::net::IpAddr;

@@ -417,6 +417,11 @@ impl ClusterState {
         let Some(cluster_ip) = svc.cluster_ips.iter().find(|ip| family.contains(ip)) else {
             return Vec::new();
         };
+        if let Err(reason) = super::validate::renderable(svc) {
+            // Cached like any derivation, so this is logged once per change of the Service.
+            tracing::error!(service = %svc.key, %reason, "not rendering a Service that bypassed validation");
+            return Vec::new();
+        }
         let slices = self.slices.get(&svc.key);
         let mut ports = Vec::with_capacity(svc.ports.len());
         for p in &svc.ports {

@@ -51,7 +51,8 @@ impl<I: NftInterface> NftDataplane<I> {
 
     /// Splits syncs larger than `ops` operations into batches (default
     /// [`SYNC_BATCH_OPS`]); for tests of the split path.
-    pub fn with_batch_ops(mut self, ops: usize) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_batch_ops(mut self, ops: usize) -> Self {
         self.batch_ops = ops.max(1);
         self
     }
@@ -131,7 +132,7 @@ impl<I: NftInterface> NftDataplane<I> {
     /// Deletes the chains the last sync flushed, right away rather than a second
     /// later: for a one-shot apply, which has no later sync. Kernels before 6.2 may
     /// still see them referenced; then they stay, empty (logged, not an error).
-    pub fn delete_flushed_chains_now(&mut self) {
+    pub(crate) fn delete_flushed_chains_now(&mut self) {
         let stale = self.renderer.stale_chains();
         if stale.is_empty() {
             return;

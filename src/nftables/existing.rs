@@ -9,7 +9,7 @@ use super::transaction::Element;
 /// The sets and maps whose elements kproxy writes (and so reads back): the dispatch
 /// and no-endpoint maps and the ClusterIP set. Affinity sets are filled by the packet
 /// path, and anonymous sets belong to their rules; neither is read.
-pub const MANAGED_SETS: [&str; 6] = [
+pub(crate) const MANAGED_SETS: [&str; 6] = [
     "cluster-ips",
     "service-ips",
     "firewall-ips",

@@ -61,11 +61,6 @@ impl Fake {
         self.chains.keys().cloned().collect()
     }
 
-    /// Names of existing sets and maps.
-    pub fn set_names(&self) -> Vec<String> {
-        self.sets.keys().cloned().collect()
-    }
-
     /// Elements of a set or map.
     pub fn elements(&self, set: &str) -> Vec<Element> {
         self.sets

@@ -1,6 +1,8 @@
 //! nftables mode: upstream's `kube-proxy` table as a transaction (plain data), its
 //! `nft -f` text form, an in-memory fake, and the renderer.
 
+#![deny(unsafe_code)]
+
 pub mod dataplane;
 pub mod existing;
 pub mod fake;

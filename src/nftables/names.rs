@@ -27,7 +27,7 @@ fn hashed(base: &str) -> String {
 
 /// The name base of a service port: shared by `service-`, `local-`, `external-`,
 /// `firewall-`.
-pub fn service_base(spn: &ServicePortName) -> String {
+pub(crate) fn service_base(spn: &ServicePortName) -> String {
     hashed(&format!(
         "{}/{}/{}/{}",
         spn.namespace,

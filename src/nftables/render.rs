@@ -42,7 +42,7 @@ const REJECT_CHAIN: &str = "reject-chain";
 const MANAGED: [&str; 6] = MANAGED_SETS;
 
 /// How long a flushed stale chain waits before it is deleted.
-pub const STALE_CHAIN_DELAY_MS: u64 = 1000;
+pub(crate) const STALE_CHAIN_DELAY_MS: u64 = 1000;
 
 /// Per-sync inputs besides the cluster state.
 #[derive(Debug, Clone, Copy, Default)]
@@ -265,7 +265,7 @@ impl NftRenderer {
     }
 
     /// Whether flushed chains are waiting for deletion.
-    pub fn has_stale_chains(&self) -> bool {
+    pub(crate) fn has_stale_chains(&self) -> bool {
         self.applied.as_ref().is_some_and(|a| !a.stale.is_empty())
     }
 
@@ -873,7 +873,9 @@ impl NftRenderer {
             Element {
                 set: set.to_string(),
                 key,
-                comment: comment.map(str::to_string),
+                // Cut here, not only when printed, so that the netlink batch, the
+                // dry-run text and what `nft list` shows all agree.
+                comment: comment.map(|c| super::text::comment(c).into_owned()),
                 value,
             }
         };

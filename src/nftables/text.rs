@@ -30,7 +30,7 @@ fn field(f: Family, fld: Field) -> &'static str {
 }
 
 /// One expression in nft syntax.
-pub fn expr_text(f: Family, e: &Expr) -> String {
+pub(crate) fn expr_text(f: Family, e: &Expr) -> String {
     match e {
         Expr::Addr {
             field: fld,
@@ -101,8 +101,31 @@ pub fn expr_text(f: Family, e: &Expr) -> String {
     }
 }
 
+/// Longest comment `nft` accepts (NFTNL_UDATA_COMMENT_MAXLEN).
+pub(crate) const COMMENT_MAX: usize = 128;
+
+/// A comment as `nft -f` can read it back: at most 128 bytes, cut at a character
+/// boundary, with `"` (which would end the string) and control characters replaced by
+/// `_`. Comments of validated objects are printable ASCII without quotes, so only their
+/// length can matter (63 + 63 + 15 bytes of names make 143).
+pub(crate) fn comment(c: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |ch: char| ch == '"' || ch == '\\' || ch.is_control();
+    if c.len() <= COMMENT_MAX && !c.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(c);
+    }
+    let mut out = String::with_capacity(COMMENT_MAX);
+    for ch in c.chars() {
+        let ch = if bad(ch) { '_' } else { ch };
+        if out.len() + ch.len_utf8() > COMMENT_MAX {
+            break;
+        }
+        out.push(ch);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A rule's body (after the chain name).
-pub fn rule_body(f: Family, r: &Rule) -> String {
+pub(crate) fn rule_body(f: Family, r: &Rule) -> String {
     let mut s = r
         .exprs
         .iter()
@@ -110,7 +133,7 @@ pub fn rule_body(f: Family, r: &Rule) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     if let Some(c) = &r.comment {
-        let _ = write!(s, " comment \"{c}\"");
+        let _ = write!(s, " comment \"{}\"", comment(c));
     }
     s
 }
@@ -129,7 +152,7 @@ fn chain_def(c: &Chain) -> String {
         ));
     }
     if let Some(cm) = &c.comment {
-        parts.push(format!("comment \"{cm}\" ;"));
+        parts.push(format!("comment \"{}\" ;", comment(cm)));
     }
     if parts.is_empty() {
         String::new()
@@ -164,17 +187,17 @@ fn set_def(s: &Set) -> String {
         parts.push(format!("timeout {t}s ;"));
     }
     if let Some(c) = &s.comment {
-        parts.push(format!("comment \"{c}\" ;"));
+        parts.push(format!("comment \"{}\" ;", comment(c)));
     }
     format!(" {{ {} }}", parts.join(" "))
 }
 
 /// The `{ … }` part of an element operation.
-pub fn element_body(e: &Element, with_value: bool) -> String {
+pub(crate) fn element_body(e: &Element, with_value: bool) -> String {
     let mut s = format!("{{ {}", e.key_text());
     if with_value {
         if let Some(c) = &e.comment {
-            let _ = write!(s, " comment \"{c}\"");
+            let _ = write!(s, " comment \"{}\"", comment(c));
         }
         if let Some(v) = &e.value {
             let _ = write!(s, " : {v}");
@@ -185,11 +208,11 @@ pub fn element_body(e: &Element, with_value: bool) -> String {
 }
 
 /// One operation as an `nft -f` line (no newline).
-pub fn op_line(tx_family: Family, table: &str, op: &Op) -> String {
+pub(crate) fn op_line(tx_family: Family, table: &str, op: &Op) -> String {
     let ft = format!("{} {table}", tx_family.as_str());
     match op {
         Op::AddTable { comment } => match comment {
-            Some(c) => format!("add table {ft} {{ comment \"{c}\" ; }}"),
+            Some(c) => format!("add table {ft} {{ comment \"{}\" ; }}", self::comment(c)),
             None => format!("add table {ft}"),
         },
         Op::DeleteTable => format!("delete table {ft}"),
@@ -266,4 +289,22 @@ pub fn normalize(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod comment_tests {
+    use super::{comment, COMMENT_MAX};
+
+    #[test]
+    fn comments_fit_nft_and_cannot_end_the_string() {
+        assert_eq!(comment("ns/svc:http"), "ns/svc:http");
+        let long = format!("{0}/{0}:{1}", "a".repeat(63), "p".repeat(15));
+        assert_eq!(long.len(), 143);
+        assert_eq!(comment(&long).len(), COMMENT_MAX);
+        assert_eq!(comment("a\"b\nc\\"), "a_b_c_");
+        // Cut at a character boundary, never inside one.
+        let wide = "é".repeat(100);
+        let c = comment(&wide);
+        assert!(c.len() <= COMMENT_MAX && c.chars().all(|ch| ch == 'é'));
+    }
 }

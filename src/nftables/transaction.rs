@@ -36,7 +36,7 @@ impl Family {
     }
 
     /// The NFPROTO number used on netlink.
-    pub fn nfproto(self) -> u8 {
+    pub(crate) fn nfproto(self) -> u8 {
         match self {
             Family::Ip => 2,   // NFPROTO_IPV4
             Family::Ip6 => 10, // NFPROTO_IPV6
@@ -453,13 +453,8 @@ impl Transaction {
 
     /// Marks the current end as a point where a batch may start: everything before it
     /// leaves the table consistent on its own.
-    pub fn mark_cut(&mut self) {
+    pub(crate) fn mark_cut(&mut self) {
         self.cuts.push(self.ops.len());
-    }
-
-    /// The cut points marked so far.
-    pub fn cuts(&self) -> &[usize] {
-        &self.cuts
     }
 
     /// Splits a large transaction into consecutive transactions at its cut points,

@@ -979,6 +979,11 @@ pub struct DaemonGuard {
 }
 
 impl DaemonGuard {
+    /// The daemon's process id (`ip netns exec` execs the program in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
