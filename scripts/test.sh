@@ -4,19 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iptables nftables conntrack libnftnl-dev libmnl-dev pkg-config iproute2)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ]; then
-    echo "== installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "== missing packages (need root to install): ${missing[*]}" >&2
-  fi
+# Build and kernel-test packages (one list, shared with scripts/demo.sh). Without root
+# the kernel tests skip (outside CI), so a missing package is only reported then.
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/deps.sh test
+else
+  bash scripts/deps.sh test || true
 fi
 
 echo "== cargo fmt --check"

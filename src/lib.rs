@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod dataplane;
+pub mod diff;
 pub mod explain;
 pub mod host;
 pub mod iptables;

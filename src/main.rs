@@ -38,13 +38,15 @@ enum Command {
     Trace(cli::trace::TraceArgs),
     /// Explain a Service (or list every Service port): ways in, endpoints and why.
     Explain(cli::explain::ExplainArgs),
+    /// Compare the rules kproxy would write with the live rules (exit 0 same, 1 different).
+    Diff(cli::diff::DiffArgs),
     /// Print the version.
     Version,
 }
 
 /// Subcommands clap parses; anything else is the daemon's command line.
 const SUBCOMMANDS: &[&str] = &[
-    "render", "apply", "cleanup", "trace", "explain", "version", "help",
+    "render", "apply", "cleanup", "trace", "explain", "diff", "version", "help",
 ];
 
 fn exit_with(result: Result<(), CliError>) -> ! {
@@ -82,6 +84,7 @@ fn main() {
         Command::Explain(a) => cli::explain::run(a),
         Command::Apply(a) => cli::apply::run_apply(a),
         Command::Cleanup(a) => cli::apply::run_cleanup(a),
+        Command::Diff(a) => cli::diff::run(a),
         Command::Version => {
             println!("{}", cli::daemon::version_line());
             Ok(())

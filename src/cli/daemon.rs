@@ -43,7 +43,25 @@ pub fn main(args: &[String]) -> Result<(), CliError> {
         metrics_port: cl.metrics_port,
     })
     .map_err(|e| CliError::usage(e.to_string()))?;
-    let cfg = resolved.config;
+    let mut cfg = resolved.config;
+    // Shadow mode (kproxy's own): --shadow, `kproxy.shadow: true`, or KPROXY_SHADOW.
+    let shadow = cl.shadow
+        || cfg.document.kproxy.shadow == Some(true)
+        || std::env::var("KPROXY_SHADOW")
+            .ok()
+            .and_then(|v| config::flags::parse_bool(&v))
+            .unwrap_or(false);
+    if shadow {
+        // With --config the file wins over these flags (upstream precedence).
+        let given = |name: &str| {
+            cl.config_file.is_none() && cl.settings.iter().any(|(spec, _)| spec.name == name)
+        };
+        crate::daemon::shadow::shadow_ports(
+            &mut cfg,
+            given("healthz-bind-address") || cl.healthz_port.is_some(),
+            given("metrics-bind-address") || cl.metrics_port.is_some(),
+        );
+    }
     logging::init(cfg.verbosity, cfg.log_format, Audience::Daemon);
     // Each note once, at start-up: what is accepted but has no effect.
     for note in &resolved.notes {
@@ -52,6 +70,11 @@ pub fn main(args: &[String]) -> Result<(), CliError> {
     if let Some(path) = &cl.write_config_to {
         return crate::daemon::write_config(&cfg, path)
             .map_err(|e| CliError::failed(e.to_string()));
+    }
+    if shadow && (cl.cleanup || cl.init_only) {
+        return Err(CliError::usage(
+            "--shadow writes nothing: it cannot be combined with --cleanup or --init-only",
+        ));
     }
     if cl.cleanup {
         // Upstream's --cleanup removes every mode's rules, for both families.
@@ -62,7 +85,10 @@ pub fn main(args: &[String]) -> Result<(), CliError> {
         tracing::info!("initialization done (--init-only)");
         return Ok(());
     }
-    let debug_endpoints = cl.debug_endpoints.unwrap_or(true);
-    crate::daemon::run(&cfg, cl.master.as_deref(), debug_endpoints)
+    let opts = crate::daemon::RunOptions {
+        debug_endpoints: cl.debug_endpoints.unwrap_or(true),
+        shadow,
+    };
+    crate::daemon::run(&cfg, cl.master.as_deref(), opts)
         .map_err(|e| CliError::failed(e.to_string()))
 }

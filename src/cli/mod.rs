@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod daemon;
+pub mod diff;
 pub mod explain;
 pub mod inputs;
 pub mod logging;

@@ -167,6 +167,7 @@ pub static FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "min-sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.minSyncPeriod / nftables.minSyncPeriod", help: "kproxy: the active mode's minimum sync period (same as --iptables-min-sync-period).", kproxy_only: true },
     FlagSpec { name: "sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.syncPeriod / nftables.syncPeriod", help: "kproxy: the active mode's sync period (same as --iptables-sync-period).", kproxy_only: true },
     FlagSpec { name: "debug-endpoints", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "kproxy: serve /debug/ruleset and /debug/state on the metrics address (default true).", kproxy_only: true },
+    FlagSpec { name: "shadow", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "kproxy.shadow", help: "kproxy: shadow mode: write no rules, compare each would-be sync with the live rules (kproxy_shadow_differences, /debug/diff); healthz and metrics move to ports 10266 and 10269 unless given. Also KPROXY_SHADOW=true.", kproxy_only: true },
 ];
 
 /// Looks a flag up by its long name, after pflag's `_` → `-` normalisation
@@ -215,6 +216,8 @@ pub struct CommandLine {
     pub cleanup: bool,
     /// `--init-only`.
     pub init_only: bool,
+    /// `--shadow` (kproxy's shadow mode).
+    pub shadow: bool,
     /// `--master`.
     pub master: Option<String>,
     /// `--version` value (`true`, `raw`), when it asks to print and exit.
@@ -316,6 +319,7 @@ impl CommandLine {
             }
             "cleanup" => self.cleanup = as_bool(),
             "init-only" => self.init_only = as_bool(),
+            "shadow" => self.shadow = as_bool(),
             "master" => self.master = Some(value).filter(|v| !v.is_empty()),
             "help" => self.help = as_bool(),
             "debug-endpoints" => self.debug_endpoints = Some(as_bool()),

@@ -163,6 +163,9 @@ pub struct VModuleItem {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Kproxy {
+    /// `kproxy.shadow`: shadow mode (as `--shadow`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
     /// Unknown keys inside the section are errors: the section is ours to define.
     #[serde(flatten, skip_serializing)]
     pub unknown: BTreeMap<String, serde_yaml_ng::Value>,

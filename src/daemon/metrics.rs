@@ -70,6 +70,11 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
 }
@@ -137,6 +142,11 @@ struct Inner {
     conntrack_duration: HistogramFamily,
     conntrack_deleted: Family<FamilyLabels, Counter>,
     skipped_objects: Family<SkipLabels, Counter>,
+    shadow_differences: Family<ModeLabels, Gauge>,
+    /// Shadow mode: the last comparison's report, served on `/debug/diff`.
+    last_diff: std::sync::Mutex<Option<String>>,
+    /// The effective configuration, served on `/configz`.
+    configz: std::sync::Mutex<Option<String>>,
 }
 
 /// The daemon's metrics. Cloning shares them.
@@ -191,6 +201,9 @@ impl Metrics {
             conntrack_duration: sync_histograms(),
             conntrack_deleted: Family::default(),
             skipped_objects: Family::default(),
+            shadow_differences: Family::default(),
+            last_diff: std::sync::Mutex::new(None),
+            configz: std::sync::Mutex::new(None),
         };
         fn e(name: &'static str, help: &'static str, metric: impl Metric) -> Entry {
             Entry {
@@ -309,6 +322,11 @@ impl Metrics {
                 "kproxy_skipped_objects",
                 "Malformed objects skipped, by kind and reason",
                 m.skipped_objects.clone(),
+            ),
+            e(
+                "kproxy_shadow_differences",
+                "Shadow mode: differences between the rules kproxy would write and the live rules at the last sync",
+                m.shadow_differences.clone(),
             ),
         ];
         m.registry.register_collector(Box::new(Exposition(entries)));
@@ -480,6 +498,40 @@ impl Metrics {
         }
     }
 
+    /// Shadow mode: the last comparison found `n` differences (all families), and its
+    /// report for `/debug/diff`.
+    pub fn shadow_compared(&self, mode: Mode, n: usize, report: String) {
+        self.inner
+            .shadow_differences
+            .get_or_create(&ModeLabels {
+                mode: mode.as_str(),
+            })
+            .set(saturating_i64(n));
+        *self
+            .inner
+            .last_diff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+    }
+
+    /// Sets the `/configz` body (the effective configuration as JSON).
+    pub fn set_configz(&self, body: String) {
+        *self
+            .inner
+            .configz
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(body);
+    }
+
+    /// The last shadow comparison's report, if any.
+    pub fn last_diff(&self) -> Option<String> {
+        self.inner
+            .last_diff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The exposition (OpenMetrics text, ending `# EOF`).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -563,6 +615,36 @@ pub fn serve_with(
                 status: 200,
                 headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
                 body: "ok".into(),
+            },
+            "/configz" => match metrics
+                .inner
+                .configz
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                Some(body) => Response {
+                    status: 200,
+                    headers: vec![("Content-Type", "application/json".into())],
+                    body,
+                },
+                None => Response {
+                    status: 404,
+                    headers: vec![],
+                    body: "404 page not found\n".into(),
+                },
+            },
+            "/debug/diff" => match metrics.last_diff() {
+                Some(body) => Response {
+                    status: 200,
+                    headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+                    body,
+                },
+                None => Response {
+                    status: 404,
+                    headers: vec![],
+                    body: "no comparison yet (shadow mode only)\n".into(),
+                },
             },
             "/proxyMode" => Response {
                 status: 200,

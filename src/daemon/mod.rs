@@ -3,11 +3,13 @@
 //! through one dataplane per IP family, rate-limited, with retries that force full syncs.
 //! Serves `/healthz` + `/livez`, per-service health-check node ports and `/metrics`.
 
+pub mod configz;
 pub mod debug;
 pub mod health;
 pub mod http;
 pub mod metrics;
 mod raw;
+pub mod shadow;
 pub mod sync;
 pub mod watch;
 
@@ -202,10 +204,25 @@ fn bind_or_warn<T>(
 
 /// Runs the daemon until SIGTERM/SIGINT. `cfg` comes from the one merge of flags
 /// over the config file (`config::resolve`); `master` is `--master`.
-/// `debug_endpoints`: serve /debug/ruleset and /debug/state on the metrics address.
-pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<(), DaemonError> {
+/// How the daemon runs beyond its configuration (kproxy's own switches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Serve /debug/ruleset and /debug/state on the metrics address.
+    pub debug_endpoints: bool,
+    /// Shadow mode: nothing on the node is written (no rules, sysctls, conntrack
+    /// entries or health-check ports): see [`shadow`].
+    pub shadow: bool,
+}
+
+pub fn run(cfg: &Config, master: Option<&str>, opts: RunOptions) -> Result<(), DaemonError> {
+    let RunOptions {
+        debug_endpoints,
+        shadow,
+    } = opts;
     apply_oom_score_adj(cfg.oom_score_adj);
-    init_host(cfg);
+    if !shadow {
+        init_host(cfg);
+    }
     let node_name = cfg
         .hostname_override
         .clone()
@@ -221,7 +238,9 @@ pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<
 
     let host = Host::probe();
     // Upstream's platformCleanup: the other mode's rules must not keep routing.
-    host.remove_other_mode_leftovers(cfg.mode);
+    if !shadow {
+        host.remove_other_mode_leftovers(cfg.mode);
+    }
     // Dual stack when the node has addresses of both families (upstream's
     // meta-proxier): one dataplane per family.
     let families = host.families();
@@ -232,6 +251,7 @@ pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<
         "starting"
     );
     let metrics = metrics::Metrics::new();
+    metrics.set_configz(configz::body(cfg));
     let health = health::Health::new(&families, cfg.sync_period).with_metrics(metrics.clone());
     // Not eligible for load-balancer traffic until this node's Node object is seen.
     health.set_node_eligible(false);
@@ -287,6 +307,10 @@ pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<
     sync::SyncLoop::deferred(
         settings,
         Box::new(move |state: &ClusterState| {
+            if shadow {
+                let m = &factory_shared.metrics;
+                return shadow::build_planes(&factory_cfg, &host, &node_name, state, &families, m);
+            }
             build_planes(
                 &factory_cfg,
                 &host,
@@ -297,7 +321,10 @@ pub fn run(cfg: &Config, master: Option<&str>, debug_endpoints: bool) -> Result<
             )
         }),
     )
-    .with_conntrack(Box::new(|state: &ProxyState| {
+    .with_conntrack(Box::new(move |state: &ProxyState| {
+        if shadow {
+            return Ok(0);
+        }
         crate::conntrack::reconcile(state).map_err(|e| e.to_string())
     }))
     .run(&shared, &stop);
