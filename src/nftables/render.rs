@@ -466,6 +466,7 @@ impl NftRenderer {
                         key: vec![KeyValue::Ip(*ip)],
                         comment: None,
                         value: None,
+                        data: Vec::new(),
                     }));
                 }
             }
@@ -875,6 +876,7 @@ impl NftRenderer {
                 key,
                 comment: comment.map(str::to_string),
                 value,
+                data: Vec::new(),
             }
         };
         let to_ext = || Some(Verdict::Goto(names.external.clone()));
