@@ -81,6 +81,15 @@ fn nft_accepts_the_maps_layout_of_every_golden_case() {
     assert!(all.len() >= 10, "golden cases missing");
     for dir in all {
         for text in render(&dir) {
+            // MAPS_DUMP=dir writes each case's text there, for reading.
+            if let Some(out) = std::env::var_os("MAPS_DUMP") {
+                let name = dir
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                let _ = fs::write(Path::new(&out).join(format!("{name}.nft")), &text);
+            }
             let (ok, _out, err) = ns.exec_stdin(&["nft", "-c", "-f", "-"], &text);
             if !ok {
                 failures.push(format!("{}:\n{err}\n--- input\n{text}", dir.display()));

@@ -236,11 +236,36 @@ impl<'a> Layout<'a> {
         let pp = vec![DataType::InetProto, DataType::InetService];
         let mut out = vec![
             set(CLUSTER_IPS, vec![a], vec![], "Active ClusterIPs"),
-            set(NO_EP_REJECT, ipp.clone(), vec![], "services without endpoints"),
-            set(NO_EP_DROP, ipp.clone(), vec![], "services without endpoints for this traffic"),
-            set(NO_EP_NP_REJECT, pp.clone(), vec![], "nodeports without endpoints"),
-            set(NO_EP_NP_DROP, pp.clone(), vec![], "nodeports without local endpoints"),
-            set(FIREWALL_IPS, ipp.clone(), vec![], "destinations subject to LoadBalancerSourceRanges"),
+            set(
+                NO_EP_REJECT,
+                ipp.clone(),
+                vec![],
+                "services without endpoints",
+            ),
+            set(
+                NO_EP_DROP,
+                ipp.clone(),
+                vec![],
+                "services without endpoints for this traffic",
+            ),
+            set(
+                NO_EP_NP_REJECT,
+                pp.clone(),
+                vec![],
+                "nodeports without endpoints",
+            ),
+            set(
+                NO_EP_NP_DROP,
+                pp.clone(),
+                vec![],
+                "nodeports without local endpoints",
+            ),
+            set(
+                FIREWALL_IPS,
+                ipp.clone(),
+                vec![],
+                "destinations subject to LoadBalancerSourceRanges",
+            ),
             set(
                 FIREWALL_ALLOW,
                 vec![a, DataType::InetProto, DataType::InetService, a],
@@ -249,18 +274,57 @@ impl<'a> Layout<'a> {
             ),
             set(MASQ_IPS, ipp.clone(), vec![], "always masqueraded"),
             set(MASQ_NODEPORTS, pp.clone(), vec![], "always masqueraded"),
-            set(MASQ_NONLOCAL_IPS, ipp.clone(), vec![], "masqueraded from outside the cluster"),
-            set(ETP_LOCAL_IPS, ipp.clone(), vec![], "externalTrafficPolicy Local"),
-            set(ETP_LOCAL_NODEPORTS, pp.clone(), vec![], "externalTrafficPolicy Local"),
-            set(EXT_LOCAL_NONE_IPS, ipp.clone(), vec![], "externalTrafficPolicy Local without local endpoints"),
-            set(EXT_LOCAL_NONE_NODEPORTS, pp.clone(), vec![], "externalTrafficPolicy Local without local endpoints"),
-            set(HAIRPIN, vec![a, a], vec![], "endpoint . endpoint: hairpin masquerade"),
+            set(
+                MASQ_NONLOCAL_IPS,
+                ipp.clone(),
+                vec![],
+                "masqueraded from outside the cluster",
+            ),
+            set(
+                ETP_LOCAL_IPS,
+                ipp.clone(),
+                vec![],
+                "externalTrafficPolicy Local",
+            ),
+            set(
+                ETP_LOCAL_NODEPORTS,
+                pp.clone(),
+                vec![],
+                "externalTrafficPolicy Local",
+            ),
+            set(
+                EXT_LOCAL_NONE_IPS,
+                ipp.clone(),
+                vec![],
+                "externalTrafficPolicy Local without local endpoints",
+            ),
+            set(
+                EXT_LOCAL_NONE_NODEPORTS,
+                pp.clone(),
+                vec![],
+                "externalTrafficPolicy Local without local endpoints",
+            ),
+            set(
+                HAIRPIN,
+                vec![a, a],
+                vec![],
+                "endpoint . endpoint: hairpin masquerade",
+            ),
         ];
         if self.nodeport_ips().is_some() {
-            out.push(set(NODEPORT_IPS, vec![a], vec![], "IPs that accept NodePort traffic"));
+            out.push(set(
+                NODEPORT_IPS,
+                vec![a],
+                vec![],
+                "IPs that accept NodePort traffic",
+            ));
         }
         for class in LbClass::ALL {
-            let dest = if class.is_nodeport() { pp.clone() } else { ipp.clone() };
+            let dest = if class.is_nodeport() {
+                pp.clone()
+            } else {
+                ipp.clone()
+            };
             let mut key = dest;
             key.push(DataType::Integer);
             out.push(Set {
@@ -274,8 +338,17 @@ impl<'a> Layout<'a> {
             });
         }
         for (class, n) in counts {
-            let key = if class.is_nodeport() { pp.clone() } else { ipp.clone() };
-            out.push(set(&class.gate(*n), key, vec![], "destinations with N endpoints"));
+            let key = if class.is_nodeport() {
+                pp.clone()
+            } else {
+                ipp.clone()
+            };
+            out.push(set(
+                &class.gate(*n),
+                key,
+                vec![],
+                "destinations with N endpoints",
+            ));
         }
         out
     }
@@ -283,8 +356,18 @@ impl<'a> Layout<'a> {
     /// Base chains and regular chains, in creation order.
     pub(crate) fn chains(&self) -> Vec<Chain> {
         let bases: [(&str, ChainType, Hook, i32); 8] = [
-            ("filter-prerouting-pre-dnat", ChainType::Filter, Hook::Prerouting, -110),
-            ("filter-output-pre-dnat", ChainType::Filter, Hook::Output, -110),
+            (
+                "filter-prerouting-pre-dnat",
+                ChainType::Filter,
+                Hook::Prerouting,
+                -110,
+            ),
+            (
+                "filter-output-pre-dnat",
+                ChainType::Filter,
+                Hook::Output,
+                -110,
+            ),
             ("filter-input", ChainType::Filter, Hook::Input, 0),
             ("filter-forward", ChainType::Filter, Hook::Forward, 0),
             ("filter-output", ChainType::Filter, Hook::Output, 0),
@@ -377,7 +460,10 @@ impl<'a> Layout<'a> {
         };
         out.push(np_rule(
             "nodeport-endpoints-check",
-            vec![lookup(pp_key(), NO_EP_NP_DROP), Expr::Verdict(Verdict::Drop)],
+            vec![
+                lookup(pp_key(), NO_EP_NP_DROP),
+                Expr::Verdict(Verdict::Drop),
+            ],
         ));
         out.push(np_rule(
             "nodeport-endpoints-check",
@@ -423,7 +509,11 @@ impl<'a> Layout<'a> {
                 (ipp_key(), Vec::new())
             };
             let (masq, etp_local, ext_none) = if nodeport {
-                (MASQ_NODEPORTS, ETP_LOCAL_NODEPORTS, EXT_LOCAL_NONE_NODEPORTS)
+                (
+                    MASQ_NODEPORTS,
+                    ETP_LOCAL_NODEPORTS,
+                    EXT_LOCAL_NONE_NODEPORTS,
+                )
             } else {
                 (MASQ_IPS, ETP_LOCAL_IPS, EXT_LOCAL_NONE_IPS)
             };

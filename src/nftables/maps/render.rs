@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::layout::{
-    Counts, LbClass, Layout, CLUSTER_IPS, ETP_LOCAL_IPS, ETP_LOCAL_NODEPORTS, EXT_LOCAL_NONE_IPS,
+    Counts, Layout, LbClass, CLUSTER_IPS, ETP_LOCAL_IPS, ETP_LOCAL_NODEPORTS, EXT_LOCAL_NONE_IPS,
     EXT_LOCAL_NONE_NODEPORTS, FIREWALL_ALLOW, FIREWALL_IPS, HAIRPIN, MASQ_IPS, MASQ_NODEPORTS,
     MASQ_NONLOCAL_IPS, NODEPORT_IPS, NO_EP_DROP, NO_EP_NP_DROP, NO_EP_NP_REJECT, NO_EP_REJECT,
     TABLE,
@@ -164,7 +164,13 @@ impl MapsRenderer {
     }
 
     /// Places `list` (endpoint indices) behind destination `dest` in `class`.
-    fn balance(d: &mut Desired, class: LbClass, dest: &[KeyValue], port: &PortPlan, list: &[usize]) {
+    fn balance(
+        d: &mut Desired,
+        class: LbClass,
+        dest: &[KeyValue],
+        port: &PortPlan,
+        list: &[usize],
+    ) {
         let Ok(n) = u32::try_from(list.len()) else {
             return;
         };
@@ -302,7 +308,11 @@ impl MapsRenderer {
 
         // Hairpin: an endpoint reaching itself through the Service is masqueraded.
         for ep in port.reachable_endpoints() {
-            d.add(HAIRPIN, vec![KeyValue::Ip(ep.ip), KeyValue::Ip(ep.ip)], vec![]);
+            d.add(
+                HAIRPIN,
+                vec![KeyValue::Ip(ep.ip), KeyValue::Ip(ep.ip)],
+                vec![],
+            );
         }
     }
 }
