@@ -23,6 +23,16 @@ pub enum ApplyError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Another process held the xtables lock for longer than we wait (`-w`).
+    #[error("{cmd}: the xtables lock is held by another process (waited {wait_seconds} s; will retry): {stderr}")]
+    LockHeld {
+        /// Command line.
+        cmd: String,
+        /// How long it waited for the lock.
+        wait_seconds: &'static str,
+        /// Its standard error.
+        stderr: String,
+    },
     /// It ran and failed.
     #[error("{cmd} failed (exit {code}): {stderr}{context}")]
     Failed {
@@ -282,7 +292,24 @@ pub struct Iptables<'e> {
     bins: Binaries,
 }
 
-const WAIT: [&str; 4] = ["-w", "5", "-W", "100000"];
+/// Seconds to wait for the xtables lock (upstream's `-w 5`).
+const WAIT_SECONDS: &str = "5";
+const WAIT: [&str; 4] = ["-w", WAIT_SECONDS, "-W", "100000"];
+
+/// iptables' exit status for "resource problem", which is what it returns when another
+/// process held the xtables lock past `-w`.
+const EXIT_RESOURCE_PROBLEM: i32 = 4;
+
+/// The lock error when `out` says another process held the xtables lock.
+fn lock_held(cmd: impl FnOnce() -> String, out: &Output) -> Option<ApplyError> {
+    (out.code == EXIT_RESOURCE_PROBLEM && out.stderr.contains("xtables lock")).then(|| {
+        ApplyError::LockHeld {
+            cmd: cmd(),
+            wait_seconds: WAIT_SECONDS,
+            stderr: out.stderr.trim().to_string(),
+        }
+    })
+}
 
 impl<'e> Iptables<'e> {
     /// An iptables runner.
@@ -298,7 +325,14 @@ impl<'e> Iptables<'e> {
     fn iptables(&self, args: &[&str]) -> Result<Output, ApplyError> {
         let mut full: Vec<&str> = WAIT.to_vec();
         full.extend_from_slice(args);
-        self.exec.run(&self.bins.iptables, &full, None)
+        let out = self.exec.run(&self.bins.iptables, &full, None)?;
+        match lock_held(
+            || format!("{} {}", self.bins.iptables, full.join(" ")),
+            &out,
+        ) {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// Whether this family's iptables works at all (upstream: `-S POSTROUTING -t nat`).
@@ -317,6 +351,9 @@ impl<'e> Iptables<'e> {
         let out = self.exec.run(&self.bins.restore, &args, Some(payload))?;
         if out.code == 0 {
             return Ok(());
+        }
+        if let Some(e) = lock_held(|| format!("{} {}", self.bins.restore, args.join(" ")), &out) {
+            return Err(e);
         }
         Err(ApplyError::Failed {
             cmd: format!("{} {}", self.bins.restore, args.join(" ")),
@@ -473,6 +510,10 @@ impl<'e> Iptables<'e> {
             let mut args: Vec<&str> = WAIT.to_vec();
             args.extend_from_slice(&["-T", table, "--noflush", "--counters"]);
             let res = self.exec.run(&self.bins.restore, &args, Some(&payload))?;
+            if let Some(e) = lock_held(|| format!("{} {}", self.bins.restore, args.join(" ")), &res)
+            {
+                return Err(e);
+            }
             if res.code != 0 {
                 return Err(ApplyError::Failed {
                     cmd: format!("{} {}", self.bins.restore, args.join(" ")),
@@ -561,6 +602,37 @@ mod tests {
             exec.calls.lock().unwrap()[0],
             "iptables-nft-restore -w 5 -W 100000 --noflush --counters"
         );
+    }
+
+    /// iptables' answer when another process holds the lock past `-w`.
+    struct LockedExec;
+
+    impl Exec for LockedExec {
+        fn run(&self, _: &str, _: &[&str], _: Option<&str>) -> Result<Output, ApplyError> {
+            Ok(Output {
+                code: 4,
+                stdout: String::new(),
+                stderr:
+                    "Another app is currently holding the xtables lock. Stopped waiting after 5s.\n"
+                        .into(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_held_xtables_lock_is_reported_as_such() {
+        let ipt = Iptables::new(&LockedExec, Binaries::new(IpFamily::V4, Backend::Legacy));
+        for err in [
+            ipt.restore("*nat\nCOMMIT\n").unwrap_err(),
+            ipt.ensure_jumps().unwrap_err(),
+        ] {
+            assert!(matches!(err, ApplyError::LockHeld { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("held by another process (waited 5 s; will retry)"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

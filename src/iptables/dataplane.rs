@@ -42,6 +42,8 @@ pub struct IptablesDataplane {
     bins: Binaries,
     sync_period: Duration,
     last_stale_cleanup: Option<Instant>,
+    /// No sync has succeeded yet (the first one may take over a predecessor's rules).
+    first: bool,
 }
 
 impl IptablesDataplane {
@@ -58,6 +60,7 @@ impl IptablesDataplane {
             bins,
             sync_period,
             last_stale_cleanup: None,
+            first: true,
         }
     }
 
@@ -89,6 +92,20 @@ impl IptablesDataplane {
             } else {
                 None
             };
+            if let (true, Some(chains)) = (self.first, &existing) {
+                let service_chains = chains
+                    .iter()
+                    .filter(|c| super::names::is_service_chain(c))
+                    .count();
+                if service_chains > 0 {
+                    // A restart (or a crash) left rules behind: the first sync rewrites
+                    // them and deletes what is stale.
+                    tracing::info!(
+                        service_chains,
+                        "took over the existing iptables rules left by a previous run"
+                    );
+                }
+            }
             let due = self
                 .last_stale_cleanup
                 .is_none_or(|t| t.elapsed() > self.sync_period);
@@ -126,6 +143,7 @@ impl IptablesDataplane {
                     payload_bytes: rendered.payload.len(),
                 };
                 self.renderer.commit(rendered);
+                self.first = false;
                 Ok(report)
             }
             Err(e) => {

@@ -24,6 +24,8 @@ pub struct NftDataplane<I: NftInterface = LazyNetlink> {
     nft: I,
     clock: Instant,
     batch_ops: usize,
+    /// No sync has succeeded yet (the first one may take over a predecessor's table).
+    first: bool,
 }
 
 impl NftDataplane<LazyNetlink> {
@@ -43,6 +45,7 @@ impl<I: NftInterface> NftDataplane<I> {
             nft,
             clock: Instant::now(),
             batch_ops: SYNC_BATCH_OPS,
+            first: true,
         }
     }
 
@@ -72,6 +75,16 @@ impl<I: NftInterface> NftDataplane<I> {
         } else {
             None
         };
+        if let (true, Some(e)) = (self.first, &existing) {
+            // A restart (or a crash) left rules behind: say so, since the first sync
+            // now rewrites them rather than starting clean.
+            tracing::info!(
+                table = TABLE,
+                chains = e.chains.len(),
+                sets = e.sets.len(),
+                "took over the existing nftables table left by a previous run"
+            );
+        }
         let rendered = self.renderer.render(
             state,
             &RenderOptions {
@@ -106,6 +119,7 @@ impl<I: NftInterface> NftDataplane<I> {
             self.nft.apply(&part)?;
         }
         self.renderer.commit(rendered.record);
+        self.first = false;
         if cleanup_failed {
             // Our record now says those chains are gone; let a full sync (which reads
             // the table back) find them again.

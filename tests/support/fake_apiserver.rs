@@ -4,6 +4,11 @@
 //! Status) for a resourceVersion older than what it keeps, label selectors of the form
 //! `!label` and field selector `metadata.name=…`. Tests can drop every open watch
 //! (a disconnect) and compact the event history (so resuming gets 410).
+//!
+//! Fault injection ([`FakeApi::inject`]): the next requests of a scope (lists, watches
+//! or both) answer with an HTTP error status (500, 410 Gone, 504 …), hang and then drop
+//! the connection (a timeout), or answer only after a delay (a slow server). Raw JSON
+//! objects that do not match the typed API ([`FakeApi::apply_raw`]) test bad objects.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -38,6 +43,36 @@ struct Store {
     generation: u64,
     /// While set, every request's connection is closed at once (server down).
     down: bool,
+    /// Faults still to serve, in order; a request takes the first whose scope matches.
+    faults: Vec<(Scope, Fault, usize)>,
+    /// Faults served so far.
+    faults_served: usize,
+    /// Keep at most this many events (older ones are compacted away); 0 = all.
+    history_limit: usize,
+    /// Requests answered so far (lists, watches).
+    requests: (usize, usize),
+}
+
+/// What a fault does to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers with this HTTP status and a `Status` body (500, 410, 504 …).
+    Status(u16),
+    /// Reads the request, says nothing for this long, then drops the connection.
+    Hang(Duration),
+    /// Answers normally after this long.
+    Delay(Duration),
+}
+
+/// Which requests a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// List requests (`GET` without `watch`).
+    Lists,
+    /// Watch requests.
+    Watches,
+    /// Both.
+    All,
 }
 
 /// The fake server; it serves until dropped (its threads stop with the process).
@@ -154,7 +189,63 @@ impl FakeApi {
             .is_some();
         st.events
             .push((rv, path, if existed { "MODIFIED" } else { "ADDED" }, obj));
+        st.trim_history();
         cv.notify_all();
+    }
+
+    /// Creates or replaces an object given as JSON text, stored as it is: fields of the
+    /// wrong type reach the client unchanged (a bad object in a list or watch event).
+    /// It needs `kind` and `metadata.name`.
+    pub fn apply_raw(&self, json_text: &str) {
+        let mut obj: Value = serde_json::from_str(json_text).expect("object json");
+        let (lock, cv) = &*self.store;
+        let mut st = lock.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let path = path_of(obj["kind"].as_str().unwrap_or(""));
+        let key = key_of(&obj);
+        let existed = st
+            .objects
+            .entry(path)
+            .or_default()
+            .insert(key, obj.clone())
+            .is_some();
+        st.events
+            .push((rv, path, if existed { "MODIFIED" } else { "ADDED" }, obj));
+        st.trim_history();
+        cv.notify_all();
+    }
+
+    /// Queues a fault for the next `count` requests in `scope` (after those queued
+    /// before it).
+    pub fn inject(&self, scope: Scope, fault: Fault, count: usize) {
+        let (lock, cv) = &*self.store;
+        lock.lock().unwrap().faults.push((scope, fault, count));
+        cv.notify_all();
+    }
+
+    /// Drops every queued fault.
+    pub fn clear_faults(&self) {
+        self.store.0.lock().unwrap().faults.clear();
+    }
+
+    /// How many faulty answers were served.
+    pub fn faults_served(&self) -> usize {
+        self.store.0.lock().unwrap().faults_served
+    }
+
+    /// Requests answered: (lists, watches).
+    pub fn requests(&self) -> (usize, usize) {
+        self.store.0.lock().unwrap().requests
+    }
+
+    /// Keeps at most `n` events of history (a long churn run would otherwise keep every
+    /// version of every object); a watch resuming from before them gets 410.
+    pub fn set_history_limit(&self, n: usize) {
+        let mut st = self.store.0.lock().unwrap();
+        st.history_limit = n;
+        st.trim_history();
     }
 
     /// Creates every object of a `kind: List` (or a single object) given as YAML/JSON.
@@ -216,6 +307,31 @@ impl FakeApi {
         st.events.clear();
     }
 
+    /// Takes the fault for this request, if one is queued for its scope.
+    fn take_fault(&self, watch: bool) -> Option<Fault> {
+        let mut st = self.store.0.lock().unwrap();
+        if watch {
+            st.requests.1 += 1;
+        } else {
+            st.requests.0 += 1;
+        }
+        let i = st.faults.iter().position(|(scope, _, n)| {
+            *n > 0
+                && match scope {
+                    Scope::All => true,
+                    Scope::Lists => !watch,
+                    Scope::Watches => watch,
+                }
+        })?;
+        let fault = st.faults[i].1;
+        st.faults[i].2 -= 1;
+        if st.faults[i].2 == 0 {
+            st.faults.remove(i);
+        }
+        st.faults_served += 1;
+        Some(fault)
+    }
+
     fn handle(&self, stream: TcpStream) {
         if self.store.0.lock().unwrap().down {
             return;
@@ -250,9 +366,30 @@ impl FakeApi {
         };
         let labels = q.get("labelSelector").cloned().unwrap_or_default();
         let fields = q.get("fieldSelector").cloned().unwrap_or_default();
-        if q.get("watch").map(String::as_str) == Some("true")
-            || q.get("watch").map(String::as_str) == Some("1")
-        {
+        let is_watch = q.get("watch").map(String::as_str) == Some("true")
+            || q.get("watch").map(String::as_str) == Some("1");
+        match self.take_fault(is_watch) {
+            Some(Fault::Status(code)) => {
+                let reason = match code {
+                    410 => "Expired",
+                    500 => "InternalError",
+                    503 => "ServiceUnavailable",
+                    504 => "Timeout",
+                    429 => "TooManyRequests",
+                    _ => "InternalError",
+                };
+                let body = json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":format!("injected fault: {code}"),"reason":reason,"code":code});
+                let _ = write_response(stream, code, &body.to_string());
+                return;
+            }
+            Some(Fault::Hang(d)) => {
+                std::thread::sleep(d);
+                return;
+            }
+            Some(Fault::Delay(d)) => std::thread::sleep(d),
+            None => {}
+        }
+        if is_watch {
             let from: u64 = q
                 .get("resourceVersion")
                 .and_then(|v| v.parse().ok())
@@ -326,8 +463,10 @@ impl FakeApi {
         let deadline = Instant::now() + timeout;
         let mut last_bookmark = Instant::now();
         loop {
-            let pending: Vec<(u64, &'static str, Value)> = st
-                .events
+            // Events are in rv order: skip what was sent without scanning it (a churn
+            // run keeps tens of thousands).
+            let start = st.events.partition_point(|(rv, ..)| *rv <= sent);
+            let pending: Vec<(u64, &'static str, Value)> = st.events[start..]
                 .iter()
                 .filter(|(rv, p, _, o)| *rv > sent && *p == path && matches(o, labels, fields))
                 .map(|(rv, _, t, o)| (*rv, *t, o.clone()))
@@ -340,6 +479,8 @@ impl FakeApi {
                 }
                 sent = sent.max(rv);
             }
+            // Every event up to `latest` that this watch wants was in `pending`.
+            sent = sent.max(latest);
             if last_bookmark.elapsed() > Duration::from_secs(1) {
                 let kind = match path {
                     p if p.ends_with("services") => "Service",
@@ -354,7 +495,7 @@ impl FakeApi {
                 last_bookmark = Instant::now();
             }
             st = lock.lock().unwrap();
-            if st.generation != generation || Instant::now() > deadline {
+            if st.generation != generation || Instant::now() > deadline || sent < st.compacted {
                 drop(st);
                 let _ = stream.write_all(b"0\r\n\r\n");
                 return;
@@ -369,8 +510,28 @@ impl FakeApi {
     }
 }
 
+impl Store {
+    fn trim_history(&mut self) {
+        if self.history_limit == 0 || self.events.len() <= self.history_limit {
+            return;
+        }
+        let drop = self.events.len() - self.history_limit;
+        self.compacted = self.events[drop - 1].0;
+        self.events.drain(..drop);
+    }
+}
+
 fn write_response(mut s: TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    let reason = if status == 200 { "OK" } else { "Not Found" };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
     s.write_all(
         format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
