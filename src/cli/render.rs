@@ -5,8 +5,10 @@ use clap::Args;
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
 use crate::config::Mode;
+use crate::config::NftablesLayout;
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::maps::MapsRenderer;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::nftables::text::transaction_text;
 
@@ -43,6 +45,10 @@ pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
                     },
                 );
                 out.push_str(&rendered.payload);
+            }
+            Mode::Nftables if inputs.config.nftables_layout == NftablesLayout::Maps => {
+                let r = MapsRenderer::new(settings.clone());
+                out.push_str(&transaction_text(&r.render_full(&state)));
             }
             Mode::Nftables => {
                 let r = NftRenderer::new(settings.clone());
