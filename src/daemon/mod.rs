@@ -216,6 +216,7 @@ pub fn run(cfg: &Config, master: Option<&str>) -> Result<(), DaemonError> {
     let host = Host::probe();
     // Upstream's platformCleanup: the other mode's rules must not keep routing.
     host.remove_other_mode_leftovers(cfg.mode);
+    host.remove_other_layout_leftovers(&cfg);
     // Dual stack when the node has addresses of both families (upstream's
     // meta-proxier): one dataplane per family.
     let families = host.families();
