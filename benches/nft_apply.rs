@@ -169,6 +169,7 @@ fn main() {
                         key: vec![KeyValue::Ip(std::net::IpAddr::from([192, 0, 2, k]))],
                         comment: None,
                         value: None,
+                        data: Vec::new(),
                     }));
                     let t = Instant::now();
                     nl.apply(&tx).unwrap();

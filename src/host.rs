@@ -7,12 +7,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, FamilySettings, Mode};
+use crate::config::{Config, FamilySettings, Mode, NftablesLayout};
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::iptables::apply::{detect_backend, Backend, Binaries, Iptables, RealExec};
 use crate::iptables::dataplane::IptablesDataplane;
 use crate::model::{IpFamily, NodeInfo};
 use crate::nftables::dataplane::NftDataplane;
+use crate::nftables::maps::dataplane::MapsDataplane;
 
 /// What kproxy knows about the machine it runs on.
 #[derive(Debug, Clone)]
@@ -99,6 +100,9 @@ impl Host {
                             cfg.sync_period,
                         ))
                     }
+                    None if cfg.nftables_layout == NftablesLayout::Maps => {
+                        Box::new(MapsDataplane::new(s))
+                    }
                     None => Box::new(NftDataplane::new(s)),
                 }
             })
@@ -150,6 +154,25 @@ impl Host {
         let other = mode.other();
         for e in self.cleanup(other) {
             tracing::warn!(error = %e, "removing {} leftovers failed", other.as_str());
+        }
+    }
+
+    /// In nftables mode, removes the table of the layout not in use (`kube-proxy` when
+    /// the maps layout runs, `kproxy` otherwise), so the two layouts never both route
+    /// traffic. Best effort: failures are logged.
+    pub fn remove_other_layout_leftovers(&self, cfg: &Config) {
+        if cfg.mode != Mode::Nftables {
+            return;
+        }
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let settings = Config::default().family_settings(family, "", None, &[]);
+            let result = match cfg.nftables_layout {
+                NftablesLayout::Maps => NftDataplane::new(settings).cleanup(),
+                NftablesLayout::Upstream => MapsDataplane::new(settings).cleanup(),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "removing the other nftables layout's table failed");
+            }
         }
     }
 }

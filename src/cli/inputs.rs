@@ -23,6 +23,9 @@ pub struct InputArgs {
     /// Proxy mode (overrides the config file).
     #[arg(long, value_name = "iptables|nftables")]
     pub mode: Option<String>,
+    /// nftables table layout: upstream (default) or maps.
+    #[arg(long, value_name = "upstream|maps")]
+    pub nftables_layout: Option<String>,
     /// Upstream KubeProxyConfiguration file.
     #[arg(long, value_name = "KUBE_PROXY_CONFIG")]
     pub config: Option<PathBuf>,
@@ -206,6 +209,9 @@ impl InputArgs {
         };
         if let Some(m) = &self.mode {
             push("proxy-mode", m.clone());
+        }
+        if let Some(l) = &self.nftables_layout {
+            push("nftables-layout", l.clone());
         }
         if let Some(c) = &self.cluster_cidr {
             push("cluster-cidr", c.clone());

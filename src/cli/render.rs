@@ -8,8 +8,10 @@ use serde::Serialize;
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
 use crate::config::Mode;
+use crate::config::NftablesLayout;
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::maps::MapsRenderer;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::nftables::text::op_line;
 
@@ -250,6 +252,13 @@ pub fn write_rendered(inputs: &Inputs, w: &mut impl Write) -> Result<(), CliErro
                     },
                 );
                 w.write_all(rendered.payload.as_bytes()).map_err(io)?;
+            }
+            Mode::Nftables if inputs.config.nftables_layout == NftablesLayout::Maps => {
+                let r = MapsRenderer::new(settings.clone());
+                let tx = r.render_full(&state);
+                for op in &tx.ops {
+                    writeln!(w, "{}", op_line(tx.family, &tx.table, op)).map_err(io)?;
+                }
             }
             Mode::Nftables => {
                 let r = NftRenderer::new(settings.clone());

@@ -165,6 +165,7 @@ pub static FLAGS: &[FlagSpec] = &[
     flag!("log-text-split-stream", Bool, Support::Ignored("kproxy writes every log line to stderr"), Applies, "logging.options.text.splitStream", "[Alpha] In text format, write error messages to stderr and info messages to stdout."),
     // kproxy's own (kept from `kproxy run`'s first command line).
     FlagSpec { name: "min-sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.minSyncPeriod / nftables.minSyncPeriod", help: "kproxy: the active mode's minimum sync period (same as --iptables-min-sync-period).", kproxy_only: true },
+    FlagSpec { name: "nftables-layout", short: None, kind: FlagKind::Str, support: H, with_config: WithConfigFile::Applies, field: "kproxy.nftablesLayout", help: "kproxy: the nftables table layout, upstream (default: upstream's kube-proxy table) or maps (kproxy's table of sets and data maps; see docs/nftables-maps-layout.md).", kproxy_only: true },
     FlagSpec { name: "sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.syncPeriod / nftables.syncPeriod", help: "kproxy: the active mode's sync period (same as --iptables-sync-period).", kproxy_only: true },
     FlagSpec { name: "debug-endpoints", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "kproxy: serve /debug/ruleset and /debug/state on the metrics address (default true).", kproxy_only: true },
     FlagSpec { name: "shadow", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "kproxy.shadow", help: "kproxy: shadow mode: write no rules, compare each would-be sync with the live rules (kproxy_shadow_differences, /debug/diff); healthz and metrics move to ports 10266 and 10269 unless given. Also KPROXY_SHADOW=true.", kproxy_only: true },
@@ -478,6 +479,7 @@ pub fn apply(
         "profiling" => doc.enable_profiling = Some(b()),
         "show-hidden-metrics-for-version" => doc.show_hidden_metrics_for_version = s(),
         "proxy-mode" => doc.mode = s(),
+        "nftables-layout" => doc.kproxy.nftables_layout = s(),
         "iptables-masquerade-bit" => doc.iptables.masquerade_bit = int(),
         "masquerade-all" => {
             doc.iptables.masquerade_all = Some(b());

@@ -119,6 +119,36 @@ impl Mode {
     }
 }
 
+/// Which nftables table layout nftables mode writes (`--nftables-layout`,
+/// `kproxy.nftablesLayout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NftablesLayout {
+    /// Upstream's `kube-proxy` table, byte for byte.
+    #[default]
+    Upstream,
+    /// kproxy's `kproxy` table of sets and data maps (issue #14).
+    Maps,
+}
+
+impl NftablesLayout {
+    /// Parses the flag's spelling ("" means upstream).
+    pub fn parse(s: &str) -> Option<NftablesLayout> {
+        match s {
+            "" | "upstream" => Some(NftablesLayout::Upstream),
+            "maps" => Some(NftablesLayout::Maps),
+            _ => None,
+        }
+    }
+
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NftablesLayout::Upstream => "upstream",
+            NftablesLayout::Maps => "maps",
+        }
+    }
+}
+
 /// `detectLocalMode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DetectLocalMode {
@@ -203,6 +233,8 @@ pub enum LogFormat {
 pub struct Config {
     /// Proxy mode.
     pub mode: Mode,
+    /// The nftables table layout (nftables mode only).
+    pub nftables_layout: NftablesLayout,
     /// Node name override (lower-cased; else the hostname).
     pub hostname_override: Option<String>,
     /// bindAddress: the node's primary IP when set to a specific address.
@@ -552,6 +584,15 @@ impl Config {
                 Mode::Iptables
             }
         };
+        let layout_text = doc.kproxy.nftables_layout.clone().unwrap_or_default();
+        let nftables_layout = NftablesLayout::parse(&layout_text).unwrap_or_else(|| {
+            field(
+                &mut errors,
+                "kproxy.nftablesLayout",
+                format!("{layout_text:?}: must be upstream, maps or blank"),
+            );
+            NftablesLayout::Upstream
+        });
         if mode_defaults
             && mode == Mode::Nftables
             && doc.node_port_addresses.as_ref().is_none_or(Vec::is_empty)
@@ -848,6 +889,7 @@ impl Config {
         Ok((
             Config {
                 mode,
+                nftables_layout,
                 hostname_override,
                 bind_address,
                 cluster_cidrs,
@@ -882,6 +924,7 @@ impl Config {
         document.apply_defaults();
         Config {
             mode: Mode::Iptables,
+            nftables_layout: NftablesLayout::Upstream,
             hostname_override: None,
             bind_address: None,
             cluster_cidrs: Vec::new(),

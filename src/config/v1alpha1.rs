@@ -166,6 +166,9 @@ pub struct Kproxy {
     /// `kproxy.shadow`: shadow mode (as `--shadow`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<bool>,
+    /// `nftablesLayout`: `upstream` (default) or `maps` (see docs/nftables-maps-layout.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nftables_layout: Option<String>,
     /// Unknown keys inside the section are errors: the section is ours to define.
     #[serde(flatten, skip_serializing)]
     pub unknown: BTreeMap<String, serde_yaml_ng::Value>,

@@ -240,6 +240,7 @@ pub fn run(cfg: &Config, master: Option<&str>, opts: RunOptions) -> Result<(), D
     // Upstream's platformCleanup: the other mode's rules must not keep routing.
     if !shadow {
         host.remove_other_mode_leftovers(cfg.mode);
+        host.remove_other_layout_leftovers(cfg);
     }
     // Dual stack when the node has addresses of both families (upstream's
     // meta-proxier): one dataplane per family.

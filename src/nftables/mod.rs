@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod existing;
 pub mod fake;
 pub mod interface;
+pub mod maps;
 pub mod names;
 pub mod netlink;
 pub mod render;

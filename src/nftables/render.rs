@@ -466,6 +466,7 @@ impl NftRenderer {
                         key: vec![KeyValue::Ip(*ip)],
                         comment: None,
                         value: None,
+                        data: Vec::new(),
                     }));
                 }
             }
@@ -877,6 +878,7 @@ impl NftRenderer {
                 // dry-run text and what `nft list` shows all agree.
                 comment: comment.map(|c| super::text::comment(c).into_owned()),
                 value,
+                data: Vec::new(),
             }
         };
         let to_ext = || Some(Verdict::Goto(names.external.clone()));

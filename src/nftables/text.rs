@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use super::transaction::{
-    AddrMatch, Chain, ChainType, Element, Expr, Family, Field, Op, Rule, Set, Transaction,
+    AddrMatch, Chain, ChainType, DataType, Element, Expr, Family, Field, Op, Rule, Set, Transaction,
 };
 
 fn net_text(n: &IpNet) -> String {
@@ -98,6 +98,47 @@ pub(crate) fn expr_text(f: Family, e: &Expr) -> String {
         },
         Expr::Reject => "reject".into(),
         Expr::Verdict(v) => v.to_string(),
+        Expr::Lookup { key, set, negate } => format!(
+            "{} {}@{set}",
+            key_text(f, key),
+            if *negate { "!= " } else { "" }
+        ),
+        Expr::DnatMap {
+            key,
+            numgen_mod,
+            map,
+        } => {
+            let mut k = key_text(f, key);
+            if let Some(n) = numgen_mod {
+                let _ = write!(k, " . numgen random mod {n}");
+            }
+            format!("dnat {} to {k} map @{map}", f.as_str())
+        }
+        Expr::FibNotLocal { field: fld } => match fld {
+            Field::Saddr => "fib saddr type != local".into(),
+            _ => "fib daddr type != local".into(),
+        },
+        Expr::CtStatusDnat => "ct status dnat".into(),
+    }
+}
+
+fn key_text(f: Family, key: &[Field]) -> String {
+    key.iter()
+        .map(|k| field(f, *k))
+        .collect::<Vec<_>>()
+        .join(" . ")
+}
+
+/// An expression of a data type, for `typeof` declarations (nft has no type name for
+/// the numgen component of a load-balancing key).
+fn typeof_expr(f: Family, t: DataType) -> String {
+    match t {
+        DataType::Ipv4Addr | DataType::Ipv6Addr => field(f, Field::Daddr).into(),
+        DataType::InetProto => "meta l4proto".into(),
+        DataType::InetService => "th dport".into(),
+        DataType::Integer => "numgen random mod 1".into(),
+        DataType::AddrPort(_) => format!("{} . th dport", field(f, Field::Daddr)),
+        DataType::Verdict => "verdict".into(),
     }
 }
 
@@ -125,7 +166,7 @@ pub(crate) fn comment(c: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A rule's body (after the chain name).
-pub(crate) fn rule_body(f: Family, r: &Rule) -> String {
+pub fn rule_body(f: Family, r: &Rule) -> String {
     let mut s = r
         .exprs
         .iter()
@@ -161,17 +202,30 @@ fn chain_def(c: &Chain) -> String {
     }
 }
 
-fn set_def(s: &Set) -> String {
+fn set_def(f: Family, s: &Set) -> String {
     let mut parts = Vec::new();
-    let key = s
-        .key
-        .iter()
-        .map(|k| k.as_str())
-        .collect::<Vec<_>>()
-        .join(" . ");
-    match s.value {
-        Some(v) => parts.push(format!("type {key} : {} ;", v.as_str())),
-        None => parts.push(format!("type {key} ;")),
+    if s.key.contains(&DataType::Integer) {
+        let key = s
+            .key
+            .iter()
+            .map(|k| typeof_expr(f, *k))
+            .collect::<Vec<_>>()
+            .join(" . ");
+        match s.value {
+            Some(v) => parts.push(format!("typeof {key} : {} ;", typeof_expr(f, v))),
+            None => parts.push(format!("typeof {key} ;")),
+        }
+    } else {
+        let key = s
+            .key
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" . ");
+        match s.value {
+            Some(v) => parts.push(format!("type {key} : {} ;", v.as_str())),
+            None => parts.push(format!("type {key} ;")),
+        }
     }
     if !s.flags.is_empty() {
         parts.push(format!(
@@ -202,6 +256,9 @@ pub(crate) fn element_body(e: &Element, with_value: bool) -> String {
         if let Some(v) = &e.value {
             let _ = write!(s, " : {v}");
         }
+        if let Some(d) = e.data_text() {
+            let _ = write!(s, " : {d}");
+        }
     }
     s.push_str(" }");
     s
@@ -224,7 +281,7 @@ pub(crate) fn op_line(tx_family: Family, table: &str, op: &Op) -> String {
             "add {} {ft} {}{}",
             if s.is_map { "map" } else { "set" },
             s.name,
-            set_def(s)
+            set_def(tx_family, s)
         ),
         Op::FlushSet { name, is_map } => {
             format!("flush {} {ft} {name}", if *is_map { "map" } else { "set" })

@@ -127,6 +127,12 @@ pub enum DataType {
     InetService,
     /// `verdict`.
     Verdict,
+    /// A 32-bit integer: the `numgen random mod N` component of a load-balancing key
+    /// (nft has no named type for it, so such sets are written with `typeof`).
+    Integer,
+    /// `ipv4_addr . inet_service` / `ipv6_addr . inet_service`: an endpoint as a map
+    /// value (the data of `dnat ip to … map @m`).
+    AddrPort(Family),
 }
 
 impl DataType {
@@ -138,6 +144,9 @@ impl DataType {
             DataType::InetProto => "inet_proto",
             DataType::InetService => "inet_service",
             DataType::Verdict => "verdict",
+            DataType::Integer => "integer",
+            DataType::AddrPort(Family::Ip) => "ipv4_addr . inet_service",
+            DataType::AddrPort(Family::Ip6) => "ipv6_addr . inet_service",
         }
     }
 
@@ -200,6 +209,10 @@ pub enum KeyValue {
     Proto(Protocol),
     /// A port.
     Port(u16),
+    /// An integer (the numgen index of a load-balancing key).
+    Index(u32),
+    /// A prefix (a component of an interval set's key).
+    Net(IpNet),
 }
 
 impl fmt::Display for KeyValue {
@@ -208,6 +221,10 @@ impl fmt::Display for KeyValue {
             KeyValue::Ip(ip) => write!(f, "{ip}"),
             KeyValue::Proto(p) => f.write_str(p.lower()),
             KeyValue::Port(p) => write!(f, "{p}"),
+            KeyValue::Index(i) => write!(f, "{i}"),
+            // A host prefix is written as the bare address, as nft does.
+            KeyValue::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr()),
+            KeyValue::Net(n) => write!(f, "{n}"),
         }
     }
 }
@@ -250,6 +267,9 @@ pub struct Element {
     pub comment: Option<String>,
     /// Map value.
     pub value: Option<Verdict>,
+    /// Data-map value (concatenated, e.g. an endpoint's `addr . port`); empty for sets
+    /// and verdict maps.
+    pub data: Vec<KeyValue>,
 }
 
 impl Element {
@@ -260,6 +280,17 @@ impl Element {
             .map(|k| k.to_string())
             .collect::<Vec<_>>()
             .join(" . ")
+    }
+
+    /// The data value as nft writes it (`10.0.0.1 . 8080`), if any.
+    pub fn data_text(&self) -> Option<String> {
+        (!self.data.is_empty()).then(|| {
+            self.data
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(" . ")
+        })
     }
 }
 
@@ -358,6 +389,32 @@ pub enum Expr {
     Reject,
     /// A verdict.
     Verdict(Verdict),
+    /// `KEY . KEY … [!=] @SET`: membership of a concatenated key in a named set.
+    Lookup {
+        /// Concatenated key.
+        key: Vec<Field>,
+        /// The set.
+        set: String,
+        /// `!=`: matches when the key is not in the set.
+        negate: bool,
+    },
+    /// `dnat ip to KEY . KEY … [. numgen random mod N] map @MAP`: DNAT to the
+    /// `addr . port` the data map holds for the packet's key (no match when absent).
+    DnatMap {
+        /// Concatenated key from the packet.
+        key: Vec<Field>,
+        /// A trailing `numgen random mod N` key component (load balancing over N).
+        numgen_mod: Option<u32>,
+        /// The data map (`… : addr . inet_service`).
+        map: String,
+    },
+    /// `fib saddr|daddr type != local`.
+    FibNotLocal {
+        /// Saddr or Daddr.
+        field: Field,
+    },
+    /// `ct status dnat`: the connection was destination-NATed.
+    CtStatusDnat,
 }
 
 /// A rule: expressions in order, plus a comment.

@@ -681,6 +681,15 @@ impl<'n> Batch<'n> {
                 );
             }
             Expr::Verdict(v) => out.push(verdict(v)?),
+            Expr::Lookup { .. }
+            | Expr::DnatMap { .. }
+            | Expr::FibNotLocal { .. }
+            | Expr::CtStatusDnat => {
+                return Err(NetlinkError::Unsupported {
+                    index: op,
+                    what: "the maps layout's expressions",
+                })
+            }
         }
         Ok(())
     }
@@ -813,6 +822,9 @@ fn key_type(key: &[DataType]) -> (u32, u32) {
             DataType::InetProto => (TYPE_INET_PROTOCOL, 1),
             DataType::InetService => (TYPE_INET_SERVICE, 2),
             DataType::Verdict => (1, 4),
+            DataType::Integer => (TYPE_INTEGER, 4),
+            // Only written for sets without data values (checked by `unsupported`).
+            DataType::AddrPort(_) => (TYPE_INTEGER, 4),
         };
         ty = (ty << 6) | t;
         // Components of a concatenation each take a whole 32-bit register.
@@ -829,6 +841,10 @@ fn key_bytes(key: &[KeyValue]) -> Vec<u8> {
             KeyValue::Ip(ip) => ip_bytes(ip),
             KeyValue::Proto(p) => vec![p.number()],
             KeyValue::Port(p) => p.to_be_bytes().to_vec(),
+            // numgen writes a host-endian integer.
+            KeyValue::Index(i) => i.to_ne_bytes().to_vec(),
+            // Interval keys are refused earlier (`unsupported`); the start alone here.
+            KeyValue::Net(n) => ip_bytes(&n.network()),
         };
         if concat {
             b.resize(b.len().div_ceil(4) * 4, 0);
@@ -849,6 +865,9 @@ pub(crate) fn encode(
     let mut i = 0;
     while i < tx.ops.len() {
         let op = &tx.ops[i];
+        if let Some(what) = unsupported(op) {
+            return Err(NetlinkError::Unsupported { index: i, what });
+        }
         match op {
             Op::AddTable { comment } => {
                 b.table_msg(i, NFT_MSG_NEWTABLE, NLM_F_CREATE, comment.as_deref())?
@@ -887,6 +906,32 @@ pub(crate) fn encode(
         i += 1;
     }
     Ok(b.finish())
+}
+
+/// What of an operation the encoder cannot write yet (the maps layout's objects).
+fn unsupported(op: &Op) -> Option<&'static str> {
+    match op {
+        Op::AddSet(s)
+            if s.key
+                .iter()
+                .chain(s.value.iter())
+                .any(|t| matches!(t, DataType::Integer | DataType::AddrPort(_))) =>
+        {
+            Some("data maps and numgen keys")
+        }
+        Op::AddSet(s) if s.key.len() > 1 && s.flags.contains(&SetFlag::Interval) => {
+            Some("concatenated interval sets")
+        }
+        Op::AddElement(e) | Op::DeleteElement(e)
+            if !e.data.is_empty()
+                || e.key
+                    .iter()
+                    .any(|k| matches!(k, KeyValue::Net(_) | KeyValue::Index(_))) =>
+        {
+            Some("data-map and interval elements")
+        }
+        _ => None,
+    }
 }
 
 fn add_set(b: &mut Batch<'_>, op: usize, s: &Set) -> Result<(), NetlinkError> {

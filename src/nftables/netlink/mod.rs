@@ -45,6 +45,15 @@ pub enum NetlinkError {
         /// The errno.
         source: std::io::Error,
     },
+    /// An operation uses an object the netlink encoder does not write yet (the `maps`
+    /// layout's data maps, interval keys and map-based DNAT); apply it with `nft -f`.
+    #[error("operation {index}: the netlink encoder does not support {what} yet")]
+    Unsupported {
+        /// 0-based index of the operation in the transaction.
+        index: usize,
+        /// What is not supported.
+        what: &'static str,
+    },
     /// An operation could not be encoded (a name with a NUL byte, a value too long).
     #[error("cannot encode: {0}")]
     Encode(#[from] SysError),

@@ -178,5 +178,6 @@ fn element(e: &ElemView, set: &str, family: Family) -> Option<Element> {
         key: parts,
         comment: None,
         value,
+        data: Vec::new(),
     })
 }
