@@ -705,6 +705,7 @@ pub(crate) mod tests {
                 "logging-format" => "json",
                 "show-hidden-metrics-for-version" => "1.33",
                 "log-json-info-buffer-size" | "log-text-info-buffer-size" => "64Ki",
+                "nftables-layout" => "maps",
                 _ => "sample-value",
             },
         }

@@ -4,7 +4,6 @@
 //! kernel's own canonical form. Nothing here writes to the caller's network namespace.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use crate::config::{FamilySettings, Mode};
@@ -100,13 +99,10 @@ impl Scratch {
         // unshare() moves only the calling thread, so a short-lived thread makes the
         // namespace and hands back a descriptor for it.
         std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; no memory is involved.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(LiveError::Io {
-                    what: "unshare(CLONE_NEWNET) for a scratch network namespace".into(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            crate::sys::netns::unshare_net().map_err(|source| LiveError::Io {
+                what: "unshare(CLONE_NEWNET) for a scratch network namespace".into(),
+                source,
+            })?;
             let ns = File::open("/proc/thread-self/ns/net").map_err(|source| LiveError::Io {
                 what: "opening the scratch network namespace".into(),
                 source,
@@ -120,16 +116,13 @@ impl Scratch {
     /// Runs `f` on a thread inside the scratch namespace (commands it starts run there
     /// too; netlink sockets it opens stay bound there).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, LiveError> {
-        let fd = self.ns.as_raw_fd();
+        let ns = &self.ns;
         std::thread::scope(|s| {
             s.spawn(move || {
-                // SAFETY: setns on this thread only, with a namespace descriptor we own.
-                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                    return Err(LiveError::Io {
-                        what: "entering the scratch network namespace".into(),
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
+                crate::sys::netns::enter_net(ns).map_err(|source| LiveError::Io {
+                    what: "entering the scratch network namespace".into(),
+                    source,
+                })?;
                 Ok(f())
             })
             .join()

@@ -5,9 +5,11 @@
 //!   netlink messages whose buffers grow to fit and refuse to overflow.
 //! - [`socket`]: a netfilter netlink socket (libmnl) and the safe reading of netlink
 //!   frames and acknowledgements, shared by nftables and conntrack.
+//! - [`netns`]: moving a thread into a new or existing network namespace.
 //!
 //! Everything above this module is safe Rust.
 
+pub(crate) mod netns;
 pub(crate) mod nftnl;
 pub(crate) mod socket;
 
