@@ -11,17 +11,14 @@ mod netns;
 mod vectors;
 
 use std::fs;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
-use kproxy::config::{Config, FamilySettings, Mode};
+use kproxy::config::{FamilySettings, Mode};
 use kproxy::diff::live::{self, Scratch};
 use kproxy::diff::Outcome;
 use kproxy::iptables::apply::Backend;
 use kproxy::model::{IpFamily, NodeContext};
 use netns::{require_root, Netns};
-use serde_json::Value;
 
 fn demo_args(mode: &str) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -393,59 +390,6 @@ fn nft_dirs() -> Vec<PathBuf> {
     d
 }
 
-/// Upstream's nftables fake proxier from a vector's config.yaml (as in
-/// tests/nft_conformance.rs).
-fn nft_settings(cfg: &Value) -> (FamilySettings, Vec<IpNet>) {
-    let family = if cfg["family"].as_str() == Some("IPv6") {
-        IpFamily::V6
-    } else {
-        IpFamily::V4
-    };
-    let mut config = Config {
-        masquerade_all: cfg["masqueradeAll"].as_bool().unwrap_or(false),
-        ..Config::default()
-    };
-    if let Some(b) = cfg["masqueradeBit"].as_u64() {
-        config.masquerade_bit = b as u32;
-    }
-    config.nodeport_addresses = cfg["nodePortAddresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    let det = &cfg["localDetector"];
-    if det["mode"].as_str().unwrap_or("ClusterCIDR") == "ClusterCIDR" {
-        config.cluster_cidrs = det["clusterCIDR"]
-            .as_str()
-            .and_then(|c| c.parse::<IpNet>().ok())
-            .filter(|c| IpFamily::of_net(c) == family)
-            .into_iter()
-            .collect();
-    }
-    let mut addrs = Vec::new();
-    for iface in cfg["interfaces"].as_array().into_iter().flatten() {
-        for a in iface["addresses"].as_array().into_iter().flatten() {
-            if let Some(n) = a.as_str().and_then(|a| a.parse().ok()) {
-                addrs.push(n);
-            }
-        }
-    }
-    let node_name = cfg["nodeName"].as_str().unwrap_or("test-node");
-    let mut fs = config.family_settings(family, node_name, None, &addrs);
-    fs.node_ip = cfg["nodeIP"]
-        .as_str()
-        .and_then(|s| s.parse::<IpAddr>().ok());
-    let cidrs = cfg["serviceCIDRs"]
-        .as_str()
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|c| c.trim().parse::<IpNet>().ok())
-        .filter(|c| IpFamily::of_net(c) == family)
-        .collect();
-    (fs, cidrs)
-}
-
 /// The same `add` commands with every object declared before the rules and elements that
 /// refer to it (upstream's test text lists rules right after their chain; `nft -f`
 /// resolves references in file order).
@@ -475,7 +419,7 @@ fn nftables_upstream_vectors_are_same() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let expected = fs::read_to_string(dir.join("expected.nft")).unwrap();
         let cfg = vectors::yaml(&dir.join("config.yaml"));
-        let (settings, cidrs) = nft_settings(&cfg);
+        let (settings, cidrs) = vectors::nft_settings(&cfg);
         let text = fs::read_to_string(dir.join("cluster.yaml")).unwrap();
         let state = kproxy::snapshot::load_str(&text, "cluster.yaml")
             .unwrap()
