@@ -138,11 +138,7 @@ impl DebugState {
             let g = self.lock();
             (g.families.clone(), g.node.clone().unwrap_or_default())
         };
-        let cluster = shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let cluster = shared.lock().cluster.clone();
         let mut explained: Vec<Explanation> = Vec::new();
         let mut syncs = Vec::new();
         for f in &families {

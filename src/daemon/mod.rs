@@ -15,33 +15,140 @@ pub mod watch;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, LockResult, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, FamilySettings, Mode, NodePortAddresses};
 use crate::host::Host;
 use crate::model::{ClusterState, IpFamily, ProxyState};
 
+/// What the watchers and the sync loop change together. It lives behind one lock with
+/// one condition variable: a waiter checks its condition and goes to sleep atomically,
+/// and every change is made (and signalled) under that lock, so no wake-up is lost and
+/// nobody has to poll.
+#[derive(Debug)]
+pub struct DaemonState {
+    /// The cluster.
+    pub cluster: ClusterState,
+    /// Something changed since the sync loop last took the state.
+    dirty: bool,
+    /// Kinds whose initial list is complete (services, slices, node, cidrs).
+    listed: [bool; 4],
+    /// `last-change-trigger-time` of EndpointSlice changes not yet synced, for the
+    /// network-programming latency.
+    trigger_times: Vec<(IpFamily, SystemTime)>,
+    /// Service and EndpointSlice changes since the last sync (the `*_changes_pending`
+    /// gauges).
+    pending: (usize, usize),
+}
+
+/// The one lock and its condition variable; every view below shares them.
+#[derive(Debug)]
+struct Cell {
+    state: Mutex<DaemonState>,
+    wake: Condvar,
+}
+
+impl Cell {
+    fn lock(&self) -> MutexGuard<'_, DaemonState> {
+        // A panicking holder cannot leave the state half-written in a way that matters
+        // more than stopping the proxy would: every field is replaced whole.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// [`Shared::state`]: the cluster part of the shared state, under the one lock.
+#[derive(Debug)]
+pub struct StateView(Arc<Cell>);
+
+/// The cluster state, locked.
+pub struct ClusterGuard<'a>(MutexGuard<'a, DaemonState>);
+
+impl std::ops::Deref for ClusterGuard<'_> {
+    type Target = ClusterState;
+    fn deref(&self) -> &ClusterState {
+        &self.0.cluster
+    }
+}
+
+impl std::ops::DerefMut for ClusterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut ClusterState {
+        &mut self.0.cluster
+    }
+}
+
+impl StateView {
+    /// Locks the shared state and gives its cluster part (a poisoned lock is reported
+    /// as `std::sync::Mutex` does).
+    pub fn lock(&self) -> LockResult<ClusterGuard<'_>> {
+        match self.0.state.lock() {
+            Ok(g) => Ok(ClusterGuard(g)),
+            Err(p) => Err(PoisonError::new(ClusterGuard(p.into_inner()))),
+        }
+    }
+}
+
+/// [`Shared::synced`]: which kinds have listed, under the one lock.
+#[derive(Debug)]
+pub struct ListedView(Arc<Cell>);
+
+/// The listed flags, locked; the sync loop is woken when the guard is dropped.
+pub struct ListedGuard<'a>(MutexGuard<'a, DaemonState>, &'a Condvar);
+
+impl std::ops::Deref for ListedGuard<'_> {
+    type Target = [bool; 4];
+    fn deref(&self) -> &[bool; 4] {
+        &self.0.listed
+    }
+}
+
+impl std::ops::DerefMut for ListedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [bool; 4] {
+        &mut self.0.listed
+    }
+}
+
+impl Drop for ListedGuard<'_> {
+    fn drop(&mut self) {
+        // Runs before the lock is released (fields drop after this), so the waiter
+        // cannot miss it.
+        self.1.notify_all();
+    }
+}
+
+impl ListedView {
+    /// Locks the listed flags (services, slices, node, cidrs).
+    pub fn lock(&self) -> LockResult<ListedGuard<'_>> {
+        Ok(ListedGuard(self.0.lock(), &self.0.wake))
+    }
+}
+
+/// [`Shared::wake`]: wakes the sync loop (after `stop` was set, for instance).
+#[derive(Debug)]
+pub struct Wake(Arc<Cell>);
+
+impl Wake {
+    /// Wakes every waiter. The lock is taken first: a waiter is either before its
+    /// check (and will see what the caller changed) or asleep (and is woken).
+    pub fn notify_all(&self) {
+        let _held = self.0.lock();
+        self.0.wake.notify_all();
+    }
+}
+
 /// What the watchers share with the sync loop.
 pub struct Shared {
-    /// The cluster.
-    pub state: Mutex<ClusterState>,
-    /// Set when something changed; the sync loop waits on it.
-    pub dirty: Mutex<bool>,
+    cell: Arc<Cell>,
+    /// The cluster (a view of the one lock).
+    pub state: StateView,
+    /// Kinds whose initial list is complete (a view of the one lock).
+    pub synced: ListedView,
     /// Wakes the sync loop.
-    pub wake: Condvar,
-    /// Kinds whose initial list is complete (services, slices, node, cidrs).
-    pub synced: Mutex<[bool; 4]>,
+    pub wake: Wake,
     /// Health.
     pub health: health::Health,
     /// Metrics.
     pub metrics: metrics::Metrics,
-    /// `last-change-trigger-time` of EndpointSlice changes not yet synced, for the
-    /// network-programming latency.
-    pub trigger_times: Mutex<Vec<(IpFamily, SystemTime)>>,
-    /// Service and EndpointSlice changes since the last sync (the `*_changes_pending`
-    /// gauges).
-    pending: Mutex<(usize, usize)>,
     families: Vec<IpFamily>,
     /// What the dataplanes last applied, for /debug/ruleset and /debug/state.
     pub debug: debug::DebugState,
@@ -50,68 +157,117 @@ pub struct Shared {
 impl Shared {
     /// Fresh shared state: nothing listed yet, a sync pending.
     pub fn new(families: &[IpFamily], health: health::Health, metrics: metrics::Metrics) -> Shared {
-        Shared {
-            pending: Mutex::new((0, 0)),
-            families: families.to_vec(),
-            state: Mutex::new(ClusterState::new()),
-            dirty: Mutex::new(true),
+        let cell = Arc::new(Cell {
+            state: Mutex::new(DaemonState {
+                cluster: ClusterState::new(),
+                dirty: true,
+                listed: [false; 4],
+                trigger_times: Vec::new(),
+                pending: (0, 0),
+            }),
             wake: Condvar::new(),
-            synced: Mutex::new([false; 4]),
+        });
+        Shared {
+            state: StateView(Arc::clone(&cell)),
+            synced: ListedView(Arc::clone(&cell)),
+            wake: Wake(Arc::clone(&cell)),
+            cell,
+            families: families.to_vec(),
             health,
             metrics,
-            trigger_times: Mutex::new(Vec::new()),
             debug: debug::DebugState::new(),
         }
     }
 
+    /// Locks the shared state.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DaemonState> {
+        self.cell.lock()
+    }
+
+    /// Sleeps until woken (the guard is given back, locked).
+    pub(crate) fn wait<'a>(&self, g: MutexGuard<'a, DaemonState>) -> MutexGuard<'a, DaemonState> {
+        self.cell
+            .wake
+            .wait(g)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sleeps until woken or `timeout` passed (the guard is given back, locked).
+    pub(crate) fn wait_timeout<'a>(
+        &self,
+        g: MutexGuard<'a, DaemonState>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, DaemonState> {
+        self.cell
+            .wake
+            .wait_timeout(g, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
     /// Marks every watch as listed (tests that drive the state directly).
     pub fn mark_listed(&self) {
-        *self.synced.lock().unwrap_or_else(PoisonError::into_inner) = [true; 4];
-        self.wake.notify_all();
+        self.lock().listed = [true; 4];
+        self.cell.wake.notify_all();
+    }
+
+    /// Marks one kind's initial list as complete (slot 0..4: services, slices, node,
+    /// cidrs) and wakes the sync loop.
+    pub(crate) fn mark_kind_listed(&self, index: usize) {
+        let mut st = self.lock();
+        if let Some(slot) = st.listed.get_mut(index) {
+            *slot = true;
+        }
+        self.cell.wake.notify_all();
     }
 
     /// Counts one Service (or EndpointSlice) event from a watch.
     pub fn note_change(&self, endpoints: bool) {
         self.metrics.change(endpoints);
-        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if endpoints {
-            p.1 += 1;
-        } else {
-            p.0 += 1;
-        }
-        self.metrics.changes_pending(p.0, p.1);
-    }
-
-    /// The sync loop took every pending change.
-    pub fn changes_taken(&self) {
-        *self.pending.lock().unwrap_or_else(PoisonError::into_inner) = (0, 0);
-        self.metrics.changes_pending(0, 0);
+        let (services, slices) = {
+            let mut st = self.lock();
+            if endpoints {
+                st.pending.1 += 1;
+            } else {
+                st.pending.0 += 1;
+            }
+            st.pending
+        };
+        self.metrics.changes_pending(services, slices);
     }
 
     /// Records an EndpointSlice change's trigger time.
     pub fn trigger(&self, family: IpFamily, at: SystemTime) {
-        self.trigger_times
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((family, at));
-    }
-
-    /// Trigger times recorded since the last call.
-    pub fn take_trigger_times(&self) -> Vec<(IpFamily, SystemTime)> {
-        std::mem::take(
-            &mut *self
-                .trigger_times
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.lock().trigger_times.push((family, at));
     }
 
     /// Marks a change and wakes the sync loop.
     pub fn changed(&self) {
-        *self.dirty.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.health.queued();
         self.metrics.queued(&self.families);
-        self.wake.notify_all();
+        // Set under the lock: the sync loop either saw it or is asleep and is woken.
+        self.lock().dirty = true;
+        self.cell.wake.notify_all();
+    }
+}
+
+impl DaemonState {
+    /// Every kind has listed once.
+    pub(crate) fn all_listed(&self) -> bool {
+        self.listed.iter().all(|l| *l)
+    }
+
+    /// A change is waiting for the sync loop.
+    pub(crate) fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// The sync loop takes every change so far: clears the flag and the pending counts
+    /// and returns the trigger times recorded since the last take.
+    pub(crate) fn take_changes(&mut self) -> Vec<(IpFamily, SystemTime)> {
+        self.dirty = false;
+        self.pending = (0, 0);
+        std::mem::take(&mut self.trigger_times)
     }
 }
 
@@ -258,9 +414,8 @@ pub fn run(cfg: &Config, master: Option<&str>, opts: RunOptions) -> Result<(), D
     health.set_node_eligible(false);
     let shared = Arc::new(Shared::new(&families, health.clone(), metrics));
     shared
-        .state
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+        .cluster
         .set_lb_ip_mode_gate(cfg.feature_gate("LoadBalancerIPMode"));
     let hard = cfg.bind_address_hard_fail;
     let _healthz = bind_or_warn("healthz", cfg.healthz_bind_address, hard, |a| {

@@ -5,13 +5,12 @@
 //! iptables or nftables, so it is tested with fake dataplanes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::PoisonError;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::health::ServiceHealth;
 use super::Shared;
 use crate::dataplane::Dataplane;
-use crate::model::{ClusterState, NodeContext, ProxyState};
+use crate::model::{ClusterState, IpFamily, NodeContext, ProxyState};
 
 /// Upstream's FullSyncPeriod: even without failures, rewrite everything this often.
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -48,6 +47,16 @@ pub struct Planes {
 /// Builds the dataplanes once the watchers have listed (they need the Node's
 /// addresses and labels).
 pub type PlaneFactory = Box<dyn FnOnce(&ClusterState) -> Planes + Send>;
+
+/// What one sync works from, taken under the shared lock.
+struct Snapshot {
+    /// One state per dataplane, in the same order.
+    states: Vec<ProxyState>,
+    /// This node may receive load-balancer traffic.
+    eligible: bool,
+    /// Trigger times of the changes in this sync.
+    triggers: Vec<(IpFamily, SystemTime)>,
+}
 
 /// The loop and what it drives.
 pub struct SyncLoop {
@@ -94,21 +103,16 @@ impl SyncLoop {
     /// Nothing is written before that: a restart must not replace working rules with
     /// a half-known cluster.
     fn wait_for_lists(shared: &Shared, stop: &AtomicBool) -> bool {
+        let mut st = shared.lock();
         loop {
             if stop.load(Ordering::SeqCst) {
                 return false;
             }
-            if shared
-                .synced
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .all(|s| *s)
-            {
+            if st.all_listed() {
                 return true;
             }
-            let guard = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = shared.wake.wait_timeout(guard, Duration::from_millis(100));
+            // Every change to the flags (and `stop`) is signalled under the lock.
+            st = shared.wait(st);
         }
     }
 
@@ -116,25 +120,24 @@ impl SyncLoop {
     /// flagged. Returns false when stopped. The change flag is left for the caller,
     /// which clears it right before reading the state, so nothing is lost between.
     fn wait(shared: &Shared, stop: &AtomicBool, until: Instant, on_change: bool) -> bool {
-        let mut dirty = shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        while !(stop.load(Ordering::SeqCst) || on_change && *dirty) {
+        let mut st = shared.lock();
+        while !(stop.load(Ordering::SeqCst) || on_change && st.dirty()) {
             let now = Instant::now();
             if now >= until {
                 break;
             }
-            dirty = shared
-                .wake
-                .wait_timeout(dirty, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = shared.wait_timeout(st, until - now);
         }
         !stop.load(Ordering::SeqCst)
     }
 
-    /// Derives every family's state under the lock (cheap: per-Service plans are
-    /// cached), and whether this node may receive load-balancer traffic.
-    fn snapshot(&self, shared: &Shared) -> (Vec<ProxyState>, bool) {
-        let st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Takes every change so far and derives every family's state under the lock
+    /// (cheap: per-Service plans are cached): the states, whether this node may receive
+    /// load-balancer traffic, and the trigger times of the changes taken.
+    fn snapshot(&self, shared: &Shared) -> Snapshot {
+        let mut guard = shared.lock();
+        let triggers = guard.take_changes();
+        let st = &guard.cluster;
         let node = NodeContext {
             name: self.settings.node_name.clone(),
             zone: st.node().and_then(|n| n.zone.clone()),
@@ -146,7 +149,11 @@ impl SyncLoop {
             .iter()
             .map(|dp| st.proxy_state(dp.family(), &node))
             .collect();
-        (states, eligible)
+        Snapshot {
+            states,
+            eligible,
+            triggers,
+        }
     }
 
     /// Runs until `stop` is set (then wakes via `shared.wake`). Rules stay in place on
@@ -156,7 +163,7 @@ impl SyncLoop {
             return;
         }
         if let Some(factory) = self.factory.take() {
-            let planes = factory(&shared.state.lock().unwrap_or_else(PoisonError::into_inner));
+            let planes = factory(&shared.lock().cluster);
             self.planes.extend(planes.dataplanes);
             if planes.service_health.is_some() {
                 self.service_health = planes.service_health;
@@ -194,8 +201,6 @@ impl SyncLoop {
                     return;
                 }
             }
-            // Everything that arrived up to now is in this sync.
-            *shared.dirty.lock().unwrap_or_else(PoisonError::into_inner) = false;
             let mut full = force_full || last_full.elapsed() >= self.settings.full_sync_period;
             for dp in self.planes.iter_mut() {
                 if dp.rules_flushed() {
@@ -207,10 +212,14 @@ impl SyncLoop {
                     full = true;
                 }
             }
-            let (states, eligible) = self.snapshot(shared);
+            // Everything that arrived up to now is in this sync.
+            let Snapshot {
+                states,
+                eligible,
+                triggers,
+            } = self.snapshot(shared);
+            shared.metrics.changes_pending(0, 0);
             shared.health.set_node_eligible(eligible);
-            let triggers = shared.take_trigger_times();
-            shared.changes_taken();
             let mut ok = true;
             for (dp, state) in self.planes.iter_mut().zip(&states) {
                 let family = dp.family();
@@ -291,7 +300,7 @@ impl SyncLoop {
             }
             // A change that arrived while syncing is handled right away (after
             // minSyncPeriod), without waiting for another wake-up.
-            pending_work = *shared.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+            pending_work = shared.lock().dirty();
         }
     }
 }

@@ -3,7 +3,7 @@
 //! take effect; individual events only ever refine that.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::StreamExt;
@@ -84,7 +84,7 @@ impl Reported {
 
 /// How one kind feeds the cluster state.
 struct KindOps<K> {
-    /// Slot in `Shared::synced`.
+    /// Slot in the listed flags (`Shared::mark_kind_listed`).
     index: usize,
     /// The first sync may proceed without it (APIs an older server lacks).
     optional: bool,
@@ -157,21 +157,15 @@ async fn watch_kind<K>(
                 // Bad objects deleted while disconnected are forgotten with the relist.
                 reported.0.retain(|k, _| relisted.contains(k));
                 relisted.clear();
-                {
-                    let listed = std::mem::take(&mut staging);
-                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    (ops.adopt)(&mut st, listed);
-                }
-                shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[ops.index] = true;
+                let listed = std::mem::take(&mut staging);
+                (ops.adopt)(&mut shared.lock().cluster, listed);
+                shared.mark_kind_listed(ops.index);
                 (ops.after)(&shared);
                 shared.changed();
             }
             Ok(Event::Apply(o)) => {
                 shared.note_change(ops.index == 1);
-                let r = {
-                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    upsert(&ops, &mut st, &o)
-                };
+                let r = { upsert(&ops, &mut shared.lock().cluster, &o) };
                 let r = r.map(|trigger| {
                     if let Some((family, at)) = trigger {
                         shared.trigger(family, at);
@@ -192,10 +186,7 @@ async fn watch_kind<K>(
                     shared.trigger(family, at);
                 }
                 let (ns, name) = o.key();
-                {
-                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    (ops.delete)(&mut st, ns, name);
-                }
+                (ops.delete)(&mut shared.lock().cluster, ns, name);
                 reported.0.remove(&(ns.to_string(), name.to_string()));
                 (ops.after)(&shared);
                 shared.changed();
@@ -205,8 +196,7 @@ async fn watch_kind<K>(
                 if ops.optional {
                     // An API the server lacks (e.g. ServiceCIDR before 1.33) must not
                     // hold the first sync back.
-                    shared.synced.lock().unwrap_or_else(PoisonError::into_inner)[ops.index] = true;
-                    shared.wake.notify_all();
+                    shared.mark_kind_listed(ops.index);
                 }
             }
         }
@@ -287,12 +277,7 @@ pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Share
             trigger: |_| None,
             // /healthz follows the Node at once, as upstream's node handler does.
             after: |sh| {
-                let eligible = sh
-                    .state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .node()
-                    .is_some_and(|n| !n.being_deleted);
+                let eligible = sh.lock().cluster.node().is_some_and(|n| !n.being_deleted);
                 sh.health.set_node_eligible(eligible);
             },
         },
