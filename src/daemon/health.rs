@@ -18,6 +18,20 @@ pub struct HealthState {
     families: BTreeMap<IpFamily, (Option<SystemTime>, Option<SystemTime>)>,
     node_eligible: bool,
     metrics: Option<Metrics>,
+    /// Malformed objects skipped since start (each bad version once), and the latest.
+    skipped: u64,
+    last_skipped: Option<Skipped>,
+}
+
+/// The latest malformed object skipped, as `/healthz` shows it (issue #10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Kind and namespace/name, as in the log line (`Service default/web`).
+    pub object: String,
+    /// The reason category (`port`, `ip`, …), as in `kproxy_skipped_objects_total`.
+    pub reason: &'static str,
+    /// What is wrong.
+    pub message: String,
 }
 
 /// Shared health.
@@ -91,6 +105,15 @@ impl Health {
         e.1 = None;
     }
 
+    /// A malformed object was skipped: `/healthz` shows the count and the latest one. It
+    /// does not change the status code (upstream's 200/503 only follow syncs and the
+    /// Node): one bad object never stops the proxy.
+    pub fn skipped(&self, object: Skipped) {
+        let mut st = self.lock();
+        st.skipped += 1;
+        st.last_skipped = Some(object);
+    }
+
     /// Node eligibility (its Node exists and is not being deleted).
     pub fn set_node_eligible(&self, eligible: bool) {
         self.lock().node_eligible = eligible;
@@ -123,7 +146,10 @@ impl Health {
     pub fn response(&self, with_node: bool) -> Response {
         let now = SystemTime::now();
         let (healthy, fams) = self.healthy_families(now);
-        let eligible = self.lock().node_eligible;
+        let (eligible, skipped, last_skipped) = {
+            let st = self.lock();
+            (st.node_eligible, st.skipped, st.last_skipped.clone())
+        };
         let ok = healthy && (!with_node || eligible);
         let last = fams.iter().filter_map(|(_, l, _)| *l).max();
         // On success upstream reports the current time as lastUpdated.
@@ -154,6 +180,18 @@ impl Health {
                 })
                 .collect();
             body.push_str(&format!(",\"status\":{{{}}}", parts.join(",")));
+        }
+        // kproxy's addition, only when something was skipped (so a clean cluster's
+        // response stays upstream's byte for byte).
+        if let Some(last) = last_skipped {
+            body.push_str(&format!(
+                ",\"skippedObjects\":{skipped},\"lastSkipped\":{}",
+                serde_json::json!({
+                    "object": last.object,
+                    "reason": last.reason,
+                    "message": last.message,
+                })
+            ));
         }
         body.push('}');
         Response {
@@ -310,6 +348,32 @@ mod tests {
         h.set_node_eligible(false);
         assert_eq!(h.response(true).status, 503);
         assert_eq!(h.response(false).status, 200);
+    }
+
+    #[test]
+    fn healthz_shows_skipped_objects_without_changing_the_status() {
+        let h = Health::new(&[IpFamily::V4], Duration::from_secs(30));
+        assert!(!h.response(true).body.contains("skipped"));
+        h.skipped(Skipped {
+            object: "Service default/a".into(),
+            reason: "port",
+            message: "port 0".into(),
+        });
+        h.skipped(Skipped {
+            object: "EndpointSlice default/b".into(),
+            reason: "ip",
+            message: "bad \"ip\"".into(),
+        });
+        let r = h.response(true);
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["skippedObjects"], 2);
+        assert_eq!(v["lastSkipped"]["object"], "EndpointSlice default/b");
+        assert_eq!(v["lastSkipped"]["reason"], "ip");
+        assert_eq!(v["lastSkipped"]["message"], "bad \"ip\"");
+        assert_eq!(v["healthy"], true);
+        h.set_node_eligible(false);
+        assert_eq!(h.response(true).status, 503);
     }
 
     fn count(m: &Metrics, series: &str) -> Option<String> {

@@ -388,6 +388,9 @@ pub fn run(cfg: &Config, master: Option<&str>, opts: RunOptions) -> Result<(), D
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
+    // The HTTP servers (healthz, metrics, health-check node ports) run on this runtime;
+    // they find it from the calling thread, which is this one for the whole run.
+    let _in_runtime = rt.enter();
     let client = rt
         .block_on(watch::client(cfg, master))
         .map_err(DaemonError::Client)?;

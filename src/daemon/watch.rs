@@ -73,6 +73,11 @@ impl Reported {
                 );
                 tracing::warn!(object = %object, reason = %invalid, "skipping malformed object");
                 shared.metrics.skipped_object(kind.as_str(), invalid.reason);
+                shared.health.skipped(super::health::Skipped {
+                    object,
+                    reason: invalid.reason,
+                    message: invalid.message.clone(),
+                });
                 self.0.insert(key, version.to_string());
             }
             _ => {
