@@ -23,6 +23,8 @@
 //! there only the daemon's own metrics verify the changes).
 //! Smoke check: `CHURN_SECONDS=30 CHURN_SERVICES=2000 cargo bench --bench churn`.
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
 #[path = "../tests/support/netns.rs"]
@@ -30,11 +32,11 @@ mod netns;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use daemon::{metrics_text, Daemon, KproxyRun};
 use fake_apiserver::FakeApi;
 use kproxy::model::{Endpoint, Protocol, ServicePortName};
 use kproxy::nftables::names::endpoint_base;
@@ -157,23 +159,6 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn metrics_text(ns: &Netns) -> String {
-    ns.run(|| {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 10249)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-}
-
 /// The sum of every sample of metric `name` (all label sets).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -235,47 +220,15 @@ struct Change {
     target: (Family, &'static str, String),
 }
 
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn(ns: &Netns, s: &Settings, mode: &str, kubeconfig: &Path, log: &Path) -> Daemon {
-    let log = std::fs::File::create(log).expect("daemon log");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "env"])
-        .arg(format!("KPROXY_IPTABLES_BACKEND={}", s.ipt_backend))
-        .arg(env!("CARGO_BIN_EXE_kproxy"))
-        .arg("run")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-1",
-            "--cluster-cidr",
-            "10.128.0.0/10",
-            "--min-sync-period",
-            &s.min_sync,
-            "--sync-period",
-            "30s",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
+    KproxyRun::new(ns, kubeconfig, mode)
+        .node("node-1")
+        .cluster_cidr("10.128.0.0/10")
+        .min_sync(&s.min_sync)
+        .args(&["--sync-period", "30s"])
+        .env("KPROXY_IPTABLES_BACKEND", &s.ipt_backend)
+        .log(log)
         .spawn()
-        .expect("spawn kproxy run");
-    Daemon { child }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -325,12 +278,12 @@ fn case(s: &Settings, mode: &str) -> Outcome {
     let log = s.out.join(format!("churn-{mode}.log"));
     let started = Instant::now();
     let mut daemon = spawn(&ns, s, mode, &kubeconfig, &log);
-    let pid = daemon.child.id();
+    let pid = daemon.0.id();
     loop {
         if metrics_text(&ns).contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds{") {
             break;
         }
-        if let Ok(Some(st)) = daemon.child.try_wait() {
+        if let Ok(Some(st)) = daemon.0.try_wait() {
             panic!(
                 "{mode}: kproxy exited before its first sync ({st}); see {}",
                 log.display()
@@ -490,7 +443,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
             });
         }
         if k % 1000 == 0 {
-            if let Ok(Some(_)) = daemon.child.try_wait() {
+            if let Ok(Some(_)) = daemon.0.try_wait() {
                 died = true;
                 break;
             }
@@ -514,7 +467,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.join();
     let end = counters(&metrics_text(&ns));
-    died |= matches!(daemon.child.try_wait(), Ok(Some(_)));
+    died |= matches!(daemon.0.try_wait(), Ok(Some(_)));
     let samples = std::mem::take(&mut *samples.lock().unwrap());
     drop(daemon);
 

@@ -9,14 +9,16 @@
 //! takes many minutes for a 10k-Service first sync.
 //! Run: `cargo bench --bench daemon` (SIZES=1000,10000, MODES=nftables,iptables).
 
+#[path = "../tests/support/daemon.rs"]
+mod daemon;
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
 #[path = "../tests/support/netns.rs"]
 mod netns;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use daemon::{metrics_text, KproxyRun};
 use fake_apiserver::FakeApi;
 use kproxy::model::{Endpoint, Protocol, ServicePortName};
 use kproxy::nftables::names::endpoint_base;
@@ -120,22 +122,6 @@ fn wait_chain(ns: &Netns, target: &(&'static str, String), limit: Duration) -> D
     })
 }
 
-fn metrics_text(ns: &Netns) -> String {
-    ns.run(|| {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", 10249)) else {
-            return String::new();
-        };
-        let _ = write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-}
-
 /// Waits for the daemon's first successful sync (its last-sync timestamp appears).
 fn wait_synced(ns: &Netns, limit: Duration) {
     let t = Instant::now();
@@ -194,37 +180,17 @@ fn case(mode: &str, n: usize) {
     let kc = dir.join("kubeconfig");
     std::fs::write(&kc, api.kubeconfig()).unwrap();
     let spawn = || {
-        Command::new("ip")
-            .args(["netns", "exec", &ns.name, "env"])
-            .arg(format!(
-                "KPROXY_IPTABLES_BACKEND={}",
-                if backend == "nft" { "nft" } else { "legacy" }
-            ))
-            .arg(env!("CARGO_BIN_EXE_kproxy"))
-            .arg("run")
-            .arg("--kubeconfig")
-            .arg(&kc)
-            .args([
-                "--proxy-mode",
-                mode,
-                "--hostname-override",
-                "node-1",
-                "--cluster-cidr",
-                "10.128.0.0/10",
-                "--min-sync-period",
-                "0s",
-                "--healthz-bind-address",
-                "127.0.0.1:10256",
-                "--metrics-bind-address",
-                "127.0.0.1:10249",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        KproxyRun::new(&ns, &kc, mode)
+            .node("node-1")
+            .cluster_cidr("10.128.0.0/10")
+            .env(
+                "KPROXY_IPTABLES_BACKEND",
+                if backend == "nft" { "nft" } else { "legacy" },
+            )
             .spawn()
-            .unwrap()
     };
     let start = Instant::now();
-    let mut child = spawn();
+    let child = spawn();
     // The daemon's own last-sync timestamp marks the first sync as complete (a chain
     // appearing is not enough: large syncs go in pieces, the dispatch rules last).
     wait_synced(&ns, Duration::from_secs(1800));
@@ -266,10 +232,9 @@ fn case(mode: &str, n: usize) {
     }
     // A restart (a DaemonSet rolling update): the new process takes over the rules the
     // old one left, with a full sync over the existing table.
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let restart = Instant::now();
-    let mut child = spawn();
+    let child = spawn();
     wait_synced(&ns, Duration::from_secs(1800));
     let restart_sync = restart.elapsed();
     println!(
@@ -280,8 +245,7 @@ fn case(mode: &str, n: usize) {
         p50_max(&mut lat),
         p50_max(&mut own),
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

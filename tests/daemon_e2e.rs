@@ -4,27 +4,19 @@
 //! converges; health and metrics answer; SIGTERM stops the daemon and keeps the rules.
 //! Both modes.
 
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use daemon::{http_get, rules, Daemon, KproxyRun};
 use fake_apiserver::FakeApi;
 use netns::{require_root, Netns};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `kproxy run` in `ns` as node-a against the fake API server, health on 10256 and
 /// metrics on 10249, minSyncPeriod 0, stderr to `log`.
@@ -36,37 +28,11 @@ fn start_kproxy(
     extra: &[&str],
     log: &std::path::Path,
 ) -> Daemon {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_kproxy"),
-            "run",
-        ])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-a",
-            "--cluster-cidr",
-            cluster_cidr,
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--min-sync-period",
-            "0s",
-        ])
+    KproxyRun::new(ns, kubeconfig, mode)
+        .cluster_cidr(cluster_cidr)
         .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log)
+        .log(log)
         .spawn()
-        .expect("start kproxy run");
-    Daemon(child)
 }
 
 fn node_yaml() -> &'static str {
@@ -102,15 +68,6 @@ fn slice_at(svc: &str, ips: &[&str], trigger: Option<&str>) -> String {
     format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-1\n  namespace: app\n{annotations}  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nendpoints:{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n")
 }
 
-fn rules(ns: &Netns, mode: &str) -> String {
-    let (_, out, _) = if mode == "nftables" {
-        ns.exec_status(&["nft", "list", "table", "ip", "kube-proxy"])
-    } else {
-        ns.exec_status(&["iptables-save"])
-    };
-    out
-}
-
 fn wait_for(ns: &Netns, mode: &str, what: &str, cond: impl Fn(&str) -> bool) {
     let start = Instant::now();
     loop {
@@ -123,24 +80,6 @@ fn wait_for(ns: &Netns, mode: &str, what: &str, cond: impl Fn(&str) -> bool) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn http_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
-    let path = path.to_string();
-    ns.run(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        (status, body)
-    })
 }
 
 fn case(mode: &str) {

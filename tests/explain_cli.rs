@@ -5,55 +5,21 @@
 //! the same answer from a daemon's /debug/state; `render -o json` validates against
 //! docs/schema/render.v1.json. Regenerate goldens on purpose only: `UPDATE_GOLDEN=1`.
 
+#[path = "support/cli.rs"]
+mod cli;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use clap::Parser;
+use cli::{demo_args, kproxy, root, strs};
 use kproxy::cli::inputs::{InputArgs, Inputs};
 use kproxy::daemon::{health, metrics, Shared};
 use kproxy::dataplane::fake::{FakeControl, FakeDataplane};
 use kproxy::model::IpFamily;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kproxy");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn demo_args() -> Vec<String> {
-    let mut a = vec![
-        "--snapshot".to_string(),
-        root()
-            .join("testdata/demo/cluster.yaml")
-            .display()
-            .to_string(),
-    ];
-    a.extend(
-        fs::read_to_string(root().join("testdata/demo/args"))
-            .unwrap()
-            .split_whitespace()
-            .map(str::to_string),
-    );
-    a
-}
-
-fn kproxy(args: &[String]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn strs(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
-}
 
 fn explain(extra: &[&str]) -> String {
     let mut args = strs(&["explain"]);

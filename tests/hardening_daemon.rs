@@ -4,28 +4,19 @@
 //! counted in `kproxy_skipped_objects_total{kind,reason}`. Both modes, in a network
 //! namespace of the test's own.
 
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use daemon::{http_get, metrics_text, rules, KproxyRun};
 use fake_apiserver::FakeApi;
 use netns::{require_root, Netns};
 use serde_json::json;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn service(name: &str, ip: &str, port: serde_json::Value) -> String {
     json!({
@@ -47,14 +38,6 @@ fn slice(svc: &str, ip: &str) -> String {
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
     })
     .to_string()
-}
-
-fn rules(ns: &Netns, mode: &str) -> String {
-    if mode == "nftables" {
-        ns.nft_list("ip")
-    } else {
-        ns.exec_status(&["iptables-save"]).1
-    }
 }
 
 fn wait_for(
@@ -80,23 +63,6 @@ fn wait_for(
     }
 }
 
-fn metrics(ns: &Netns) -> String {
-    ns.run(|| {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", 10249)) else {
-            return String::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-}
-
 fn case(mode: &str) {
     let ns = Netns::new(&format!("hdmn{}", &mode[..3]));
     let api = ns.run(FakeApi::start);
@@ -117,38 +83,11 @@ fn case(mode: &str) {
     // In the initial list: a mistyped port (typed decoding of the list would fail).
     api.apply(&service("eighty", "10.96.0.80", json!("eighty")));
 
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_kproxy"),
-            "run",
-        ])
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args([
-            "--proxy-mode",
-            mode,
-            "--hostname-override",
-            "node-a",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--min-sync-period",
-            "0s",
-            "--sync-period",
-            "2s",
-        ])
+    let _daemon = KproxyRun::new(&ns, &kubeconfig, mode)
+        .args(&["--sync-period", "2s"])
         .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .expect("start kproxy run");
-    let _daemon = Daemon(child);
+        .log(&log_path)
+        .spawn();
 
     wait_for(&ns, mode, "the good Service from the list", &log, |r| {
         r.contains("10.244.1.5")
@@ -204,7 +143,7 @@ fn case(mode: &str) {
                 .any(|d| l.contains(d))),
         "{mode}: a list or event failed to decode:\n{text}"
     );
-    let m = metrics(&ns);
+    let m = metrics_text(&ns);
     for (series, value) in [
         (
             "kproxy_skipped_objects_total{kind=\"Service\",reason=\"decode\"}",
@@ -221,6 +160,17 @@ fn case(mode: &str) {
             .and_then(|l| l.rsplit(' ').next());
         assert_eq!(got, Some(value), "{mode}: {series} in\n{m}");
     }
+    // /healthz shows them too (issue #10), and they do not make it fail.
+    let (code, body) = http_get(&ns, 10256, "/healthz");
+    assert_eq!(code, 200, "{mode}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["skippedObjects"], 2, "{mode}: {body}");
+    assert!(
+        v["lastSkipped"]["object"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("Service app/")),
+        "{mode}: {body}"
+    );
 }
 
 #[test]

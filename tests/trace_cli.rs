@@ -5,48 +5,14 @@
 //! issue 13 (an error or an explicit unknown, never a panic or a changed answer).
 //! Regenerate the goldens on purpose only: `UPDATE_GOLDEN=1 cargo test --test trace_cli`.
 
+#[path = "support/cli.rs"]
+mod cli;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use cli::{demo_args, kproxy, root, strs};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_kproxy");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn demo_args() -> Vec<String> {
-    let mut a = vec![
-        "--snapshot".to_string(),
-        root()
-            .join("testdata/demo/cluster.yaml")
-            .display()
-            .to_string(),
-    ];
-    a.extend(
-        fs::read_to_string(root().join("testdata/demo/args"))
-            .unwrap()
-            .split_whitespace()
-            .map(str::to_string),
-    );
-    a
-}
-
-/// Runs kproxy; (exit code, stdout, stderr).
-fn kproxy(args: &[String]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn strs(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
-}
 
 fn golden(name: &str, got: &str) {
     let file = root().join("testdata/trace/golden").join(name);
