@@ -16,10 +16,10 @@ use kproxy::trace::iptables::{Packet, Ruleset};
 use kproxy::trace::nftables::Table;
 
 /// A fuzz target: its name and its entry point.
-pub type Target = (&'static str, fn(&[u8]));
+pub(crate) type Target = (&'static str, fn(&[u8]));
 
 /// The targets by name (the names of the fuzz binaries and of testdata/fuzz/<name>/).
-pub const TARGETS: [Target; 4] = [
+pub(crate) const TARGETS: [Target; 4] = [
     ("snapshot", snapshot),
     ("config", config),
     ("trace_iptables", trace_iptables),
@@ -28,7 +28,7 @@ pub const TARGETS: [Target; 4] = [
 
 /// Snapshot decoding and model conversion, then both renderers over the result (the
 /// renderers must cope with everything the model conversion lets through).
-pub fn snapshot(data: &[u8]) {
+pub(crate) fn snapshot(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -66,7 +66,7 @@ pub fn snapshot(data: &[u8]) {
 }
 
 /// KubeProxyConfiguration loading and validation.
-pub fn config(data: &[u8]) {
+pub(crate) fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -106,7 +106,7 @@ fn packets() -> Vec<Packet> {
 }
 
 /// The iptables tracer: `iptables-save` / restore text, then a trace of each packet.
-pub fn trace_iptables(data: &[u8]) {
+pub(crate) fn trace_iptables(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -122,7 +122,7 @@ pub fn trace_iptables(data: &[u8]) {
 }
 
 /// The nftables tracer: `nft -f` text, then a trace of each packet.
-pub fn trace_nftables(data: &[u8]) {
+pub(crate) fn trace_nftables(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

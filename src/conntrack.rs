@@ -22,15 +22,15 @@ pub struct Flow {
     /// L4 protocol number.
     pub proto: u8,
     /// Original direction source.
-    pub orig_src: IpAddr,
+    pub(crate) orig_src: IpAddr,
     /// Original direction destination (the service address).
-    pub orig_dst: IpAddr,
+    pub(crate) orig_dst: IpAddr,
     /// Original source port.
-    pub orig_sport: u16,
+    pub(crate) orig_sport: u16,
     /// Original destination port (the service port or NodePort).
-    pub orig_dport: u16,
+    pub(crate) orig_dport: u16,
     /// Reply direction source (the endpoint, after DNAT).
-    pub reply_src: IpAddr,
+    pub(crate) reply_src: IpAddr,
 }
 
 /// The flows to delete, given the current rules' state.
@@ -313,7 +313,7 @@ pub fn delete(flow: &Flow) -> Result<(), ConntrackError> {
 }
 
 /// Lists, decides and deletes; returns how many entries were deleted.
-pub fn reconcile(state: &ProxyState) -> Result<usize, ConntrackError> {
+pub(crate) fn reconcile(state: &ProxyState) -> Result<usize, ConntrackError> {
     let flows = list(state.family)?;
     let stale = stale_flows(&flows, state);
     for f in &stale {

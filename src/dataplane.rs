@@ -17,20 +17,20 @@ pub struct SyncOutcome {
     /// Whether it rewrote everything.
     pub full: bool,
     /// iptables: the rules of each table (empty in nftables mode).
-    pub iptables_rules: Vec<TableRules>,
+    pub(crate) iptables_rules: Vec<TableRules>,
     /// Operations sent to the kernel (lines of `iptables-restore` input, or nftables
     /// netlink operations).
     pub operations: usize,
     /// Services whose rules this sync rewrote.
     pub services_written: usize,
     /// A clean-up step (deleting chains flushed earlier) failed; the sync itself held.
-    pub cleanup_failed: bool,
+    pub(crate) cleanup_failed: bool,
 }
 
 /// How many rules one iptables table holds after a sync (upstream's
 /// `sync_proxy_rules_iptables_total` and `…_last` metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableRules {
+pub(crate) struct TableRules {
     /// `filter` or `nat`.
     pub table: &'static str,
     /// Rules kproxy owns in the table in total.
@@ -41,7 +41,7 @@ pub struct TableRules {
 
 /// The cause of a failed sync, shared so that the error stays cheap to clone (the
 /// daemon logs it and keeps it for metrics).
-pub type DataplaneCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+pub(crate) type DataplaneCause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A failed sync. The kernel keeps what it had (both appliers are all-or-nothing);
 /// the next sync is full.
@@ -174,7 +174,7 @@ pub mod fake {
     /// The failure a [`FakeControl::fail_next`] sync reports.
     #[derive(Debug, Clone, Copy, thiserror::Error)]
     #[error("injected failure")]
-    pub struct InjectedFailure;
+    pub(crate) struct InjectedFailure;
 
     /// The fake.
     #[derive(Debug)]

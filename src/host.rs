@@ -17,7 +17,7 @@ use crate::nftables::maps::dataplane::MapsDataplane;
 
 /// What kproxy knows about the machine it runs on.
 #[derive(Debug, Clone)]
-pub struct Host {
+pub(crate) struct Host {
     /// The node's interface addresses (for nodePortAddresses and the node IP).
     pub addresses: Vec<IpNet>,
     /// `net/netfilter/nf_conntrack_tcp_be_liberal` is set: upstream then writes no
@@ -30,13 +30,13 @@ pub struct Host {
 
 impl Host {
     /// Reads this network namespace: interface addresses and sysctls.
-    pub fn probe() -> Host {
+    pub(crate) fn probe() -> Host {
         Host::with_addresses(interface_addresses())
     }
 
     /// A host with the given interface addresses (`--local-address` in dry runs);
     /// sysctls are still read from this machine.
-    pub fn with_addresses(addresses: Vec<IpNet>) -> Host {
+    pub(crate) fn with_addresses(addresses: Vec<IpNet>) -> Host {
         Host {
             addresses,
             tcp_be_liberal: crate::sysctl::read_int("net/netfilter/nf_conntrack_tcp_be_liberal")
@@ -48,7 +48,7 @@ impl Host {
 
     /// The IP families this node serves: IPv4 always (upstream's default primary
     /// family), IPv6 too when the node has a global IPv6 address.
-    pub fn families(&self) -> Vec<IpFamily> {
+    pub(crate) fn families(&self) -> Vec<IpFamily> {
         let mut families = vec![IpFamily::V4];
         if self.addresses.iter().any(|a| {
             let ip = a.addr();
@@ -60,7 +60,7 @@ impl Host {
     }
 
     /// One family's renderer settings on this host.
-    pub fn family_settings(
+    pub(crate) fn family_settings(
         &self,
         cfg: &Config,
         family: IpFamily,
@@ -77,7 +77,7 @@ impl Host {
     /// One dataplane per family in the configured mode. In iptables mode the
     /// sysctl localhost NodePorts need is set first (upstream does it at proxier
     /// construction).
-    pub fn dataplanes(
+    pub(crate) fn dataplanes(
         &self,
         cfg: &Config,
         settings: Vec<FamilySettings>,
@@ -112,7 +112,7 @@ impl Host {
     /// Every dataplane of `mode` that can hold rules here, for clean-up: both
     /// families, and in iptables mode each backend (nft, and legacy where its tables
     /// exist) whose binary works.
-    pub fn cleanup_planes(&self, mode: Mode) -> Vec<Box<dyn Dataplane>> {
+    pub(crate) fn cleanup_planes(&self, mode: Mode) -> Vec<Box<dyn Dataplane>> {
         let cfg = Config::default();
         let mut planes: Vec<Box<dyn Dataplane>> = Vec::new();
         for family in [IpFamily::V4, IpFamily::V6] {
@@ -140,7 +140,7 @@ impl Host {
 
     /// Removes every kube-proxy rule of `mode` (both families; safe to repeat);
     /// returns what failed, one line each.
-    pub fn cleanup(&self, mode: Mode) -> Vec<DataplaneError> {
+    pub(crate) fn cleanup(&self, mode: Mode) -> Vec<DataplaneError> {
         self.cleanup_planes(mode)
             .into_iter()
             .filter_map(|mut dp| dp.cleanup().err())
@@ -150,7 +150,7 @@ impl Host {
     /// Upstream's start-up `platformCleanup`: in nftables mode remove iptables
     /// leftovers, in iptables mode the `kube-proxy` nftables tables, so that rules of
     /// the mode not in use never route traffic. Best effort: failures are logged.
-    pub fn remove_other_mode_leftovers(&self, mode: Mode) {
+    pub(crate) fn remove_other_mode_leftovers(&self, mode: Mode) {
         let other = mode.other();
         for e in self.cleanup(other) {
             tracing::warn!(error = %e, "removing {} leftovers failed", other.as_str());
@@ -160,7 +160,7 @@ impl Host {
     /// In nftables mode, removes the table of the layout not in use (`kube-proxy` when
     /// the maps layout runs, `kproxy` otherwise), so the two layouts never both route
     /// traffic. Best effort: failures are logged.
-    pub fn remove_other_layout_leftovers(&self, cfg: &Config) {
+    pub(crate) fn remove_other_layout_leftovers(&self, cfg: &Config) {
         if cfg.mode != Mode::Nftables {
             return;
         }
@@ -224,7 +224,7 @@ fn interface_addresses() -> Vec<IpNet> {
 }
 
 /// The kernel's hostname, lower-cased as upstream does; "" if unreadable.
-pub fn system_hostname() -> String {
+pub(crate) fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
         .unwrap_or_default()

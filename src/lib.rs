@@ -4,6 +4,8 @@
 //! a per-family [`model::ProxyState`] is derived from it; the renderers turn that into
 //! rules (pure data); only the appliers touch the kernel.
 
+#![warn(unreachable_pub)]
+
 pub mod cli;
 pub mod config;
 pub mod conntrack;
@@ -17,6 +19,6 @@ pub mod memory;
 pub mod model;
 pub mod nftables;
 pub mod snapshot;
-pub mod sys;
+pub(crate) mod sys;
 pub mod sysctl;
 pub mod trace;

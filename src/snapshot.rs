@@ -54,7 +54,7 @@ pub struct Skipped {
     /// `Kind namespace/name`.
     pub object: String,
     /// Short category, as in the `reason` label of `kproxy_skipped_objects_total`.
-    pub category: &'static str,
+    pub(crate) category: &'static str,
     /// What is wrong.
     pub reason: String,
 }
@@ -78,14 +78,14 @@ pub struct Snapshot {
 
 /// Largest snapshot accepted (a 10k-Service cluster is ~20 MB of JSON): bounds the
 /// memory a stray file on `--snapshot` can cost.
-pub const MAX_SNAPSHOT_BYTES: usize = 512 << 20;
+pub(crate) const MAX_SNAPSHOT_BYTES: usize = 512 << 20;
 /// Deepest `[`/`{` nesting accepted. Kubernetes objects nest about 10 levels; the YAML
 /// parser's cost grows faster than linearly with depth, so hostile input is refused
 /// before it is parsed.
-pub const MAX_NESTING: usize = 128;
+pub(crate) const MAX_NESTING: usize = 128;
 
 /// Reads a snapshot from a file, or from stdin when `path` is `-`.
-pub fn load_path(path: &Path) -> Result<Snapshot, SnapshotError> {
+pub(crate) fn load_path(path: &Path) -> Result<Snapshot, SnapshotError> {
     let origin = path.display().to_string();
     let read_err = |source| SnapshotError::Read {
         origin: origin.clone(),
@@ -414,7 +414,7 @@ impl Snapshot {
     /// Services that have a selector while the snapshot holds not one EndpointSlice
     /// (`kubectl get svc` alone): rendered, every one of them would reject its traffic.
     /// Returns their count, 0 when the snapshot has slices or no such Service.
-    pub fn selector_services_without_any_slice(&self) -> usize {
+    pub(crate) fn selector_services_without_any_slice(&self) -> usize {
         if self.slice_count > 0 {
             return 0;
         }
@@ -423,7 +423,7 @@ impl Snapshot {
 
     /// The reason `kproxy apply` must refuse this snapshot unless told otherwise: with
     /// no Services it would remove every Service rule of the node.
-    pub fn refuse_for_apply(&self) -> Option<String> {
+    pub(crate) fn refuse_for_apply(&self) -> Option<String> {
         let (services, _) = self.state.counts();
         if services > 0 {
             return None;

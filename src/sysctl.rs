@@ -4,7 +4,7 @@
 use std::path::Path;
 
 /// Sets `/proc/sys/<key>` to `value` if it differs; returns whether it wrote.
-pub fn ensure(key: &str, value: &str) -> std::io::Result<bool> {
+pub(crate) fn ensure(key: &str, value: &str) -> std::io::Result<bool> {
     let path = Path::new("/proc/sys").join(key);
     let current = std::fs::read_to_string(&path)?;
     if current.trim() == value {
@@ -15,7 +15,7 @@ pub fn ensure(key: &str, value: &str) -> std::io::Result<bool> {
 }
 
 /// Like [`ensure`], logging instead of failing.
-pub fn ensure_or_warn(key: &str, value: &str) {
+pub(crate) fn ensure_or_warn(key: &str, value: &str) {
     match ensure(key, value) {
         Ok(true) => tracing::info!(sysctl = key, value, "set sysctl"),
         Ok(false) => {}
@@ -24,7 +24,7 @@ pub fn ensure_or_warn(key: &str, value: &str) {
 }
 
 /// Reads a sysctl as an integer (None when absent or unreadable).
-pub fn read_int(key: &str) -> Option<i64> {
+pub(crate) fn read_int(key: &str) -> Option<i64> {
     std::fs::read_to_string(Path::new("/proc/sys").join(key))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -32,7 +32,7 @@ pub fn read_int(key: &str) -> Option<i64> {
 
 /// The conntrack sysctls upstream sets at start-up, as (key, value) pairs: a pure
 /// decision from the configuration and the CPU count.
-pub fn conntrack_settings(
+pub(crate) fn conntrack_settings(
     ct: &crate::config::ConntrackConfig,
     cpus: u32,
 ) -> Vec<(&'static str, String)> {
@@ -68,7 +68,7 @@ pub fn conntrack_settings(
 
 /// Applies [`conntrack_settings`] best effort (a read-only /proc/sys in a container is
 /// a warning, not a failure).
-pub fn tune_conntrack(ct: &crate::config::ConntrackConfig) {
+pub(crate) fn tune_conntrack(ct: &crate::config::ConntrackConfig) {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);

@@ -18,7 +18,7 @@ pub struct ApplyArgs {
     pub inputs: InputArgs,
     /// Apply even a snapshot without Services (it removes every Service rule).
     #[arg(long)]
-    pub allow_empty: bool,
+    pub(crate) allow_empty: bool,
 }
 
 /// `kproxy cleanup` flags.
@@ -104,7 +104,7 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
 
 /// Deletes UDP/SCTP conntrack entries that point at endpoints no longer serving; a
 /// failure is logged, not fatal (the rules are already in place).
-pub fn reconcile_conntrack(state: &crate::model::ProxyState) {
+pub(crate) fn reconcile_conntrack(state: &crate::model::ProxyState) {
     match crate::conntrack::reconcile(state) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "removed stale conntrack entries"),
@@ -123,7 +123,7 @@ pub fn run_cleanup(args: &CleanupArgs) -> Result<(), CliError> {
 }
 
 /// Removes kube-proxy's rules of these modes (`kproxy cleanup`, `kproxy --cleanup`).
-pub fn cleanup_modes(modes: &[Mode]) -> Result<(), CliError> {
+pub(crate) fn cleanup_modes(modes: &[Mode]) -> Result<(), CliError> {
     let start = Instant::now();
     let host = Host::with_addresses(Vec::new());
     let problems: Vec<String> = modes

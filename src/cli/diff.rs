@@ -23,7 +23,7 @@ pub struct DiffArgs {
     /// Read the cluster from the API server with the pod's in-cluster credentials (or
     /// $KUBECONFIG / ~/.kube/config) instead of --snapshot.
     #[arg(long)]
-    pub in_cluster: bool,
+    pub(crate) in_cluster: bool,
 }
 
 /// Lists Services, EndpointSlices, Nodes and ServiceCIDRs from the API server (the

@@ -28,7 +28,7 @@ pub struct ExplainArgs {
     pub live: bool,
     /// The daemon's metrics address, for `--live`.
     #[arg(long, default_value = "127.0.0.1:10249", value_name = "IP:PORT")]
-    pub metrics_address: SocketAddr,
+    pub(crate) metrics_address: SocketAddr,
     /// Output format: text, json or mermaid.
     #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json", "mermaid"])]
     pub output: String,
@@ -80,7 +80,7 @@ fn live(addr: SocketAddr) -> Result<Vec<Explanation>, CliError> {
 }
 
 /// Explains every family of a snapshot.
-pub fn from_inputs(inputs: &Inputs, filter: Option<&ServiceFilter>) -> Vec<Explanation> {
+pub(crate) fn from_inputs(inputs: &Inputs, filter: Option<&ServiceFilter>) -> Vec<Explanation> {
     inputs
         .families
         .iter()

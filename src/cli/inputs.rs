@@ -25,24 +25,24 @@ pub struct InputArgs {
     pub mode: Option<String>,
     /// nftables table layout: upstream (default) or maps.
     #[arg(long, value_name = "upstream|maps")]
-    pub nftables_layout: Option<String>,
+    pub(crate) nftables_layout: Option<String>,
     /// Upstream KubeProxyConfiguration file.
     #[arg(long, value_name = "KUBE_PROXY_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name (default: the config's hostnameOverride, the snapshot's only
     /// Node, or the hostname).
     #[arg(long, value_name = "NODE")]
-    pub hostname_override: Option<String>,
+    pub(crate) hostname_override: Option<String>,
     /// Render only this family (default: every family the cluster uses).
     #[arg(long, value_name = "ipv4|ipv6")]
     pub ip_family: Option<String>,
     /// One of the node's interface addresses (repeatable), e.g. 192.168.0.2/24.
     #[arg(long = "local-address", value_name = "IP[/LEN]")]
-    pub local_addresses: Vec<String>,
+    pub(crate) local_addresses: Vec<String>,
     /// iptables features of the host: a comma list of `nfacct`, `random-fully`, or `none`
     /// (default: a modern host with both).
     #[arg(long, value_name = "LIST")]
-    pub iptables_capabilities: Option<String>,
+    pub(crate) iptables_capabilities: Option<String>,
     /// Pod network CIDR(s), comma separated (upstream's --cluster-cidr).
     #[arg(long, value_name = "CIDRS")]
     pub cluster_cidr: Option<String>,
@@ -68,9 +68,9 @@ pub struct Inputs {
     /// Objects skipped as malformed (already logged).
     pub skipped: Vec<snapshot::Skipped>,
     /// Why `apply` must refuse this snapshot without `--allow-empty` (no Services).
-    pub refuse_apply: Option<String>,
+    pub(crate) refuse_apply: Option<String>,
     /// Whether `--iptables-capabilities` was given (else dry-run assumes a modern host).
-    pub capabilities_given: bool,
+    pub(crate) capabilities_given: bool,
 }
 
 impl Inputs {
@@ -195,12 +195,12 @@ impl Inputs {
     }
 }
 
-pub use crate::host::system_hostname;
+pub(crate) use crate::host::system_hostname;
 
 impl InputArgs {
     /// The configuration: `--config` (upstream's file), then these flags over it,
     /// through the one merge every command uses ([`config::resolve`]).
-    pub fn config_settings(&self) -> Result<Config, CliError> {
+    pub(crate) fn config_settings(&self) -> Result<Config, CliError> {
         let mut given: Vec<(&'static flags::FlagSpec, String)> = Vec::new();
         let mut push = |name: &str, value: String| {
             if let Some(spec) = flags::lookup(name) {

@@ -24,7 +24,7 @@ pub struct CliError {
 
 impl CliError {
     /// Bad arguments or unreadable input (exit 2).
-    pub fn usage(message: impl Into<String>) -> Self {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
         CliError {
             code: 2,
             message: message.into(),

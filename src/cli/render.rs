@@ -28,11 +28,11 @@ pub struct RenderArgs {
 }
 
 /// The JSON schema identifier of `render -o json`.
-pub const RENDER_SCHEMA: &str = "https://kproxy.dev/schema/render.v1.json";
+pub(crate) const RENDER_SCHEMA: &str = "https://kproxy.dev/schema/render.v1.json";
 
 /// `render -o json`: one entry per family.
 #[derive(Debug, Clone, Serialize)]
-pub struct RenderJson {
+pub(crate) struct RenderJson {
     /// Schema identifier (versioned).
     #[serde(rename = "$schema")]
     pub schema: &'static str,
@@ -44,7 +44,7 @@ pub struct RenderJson {
 
 /// One family's rules as data.
 #[derive(Debug, Clone, Serialize)]
-pub struct FamilyJson {
+pub(crate) struct FamilyJson {
     /// `IPv4` or `IPv6`.
     pub family: &'static str,
     /// iptables: the restore input by table and chain.
@@ -57,7 +57,7 @@ pub struct FamilyJson {
 
 /// One iptables table of the restore input.
 #[derive(Debug, Clone, Serialize)]
-pub struct TableJson {
+pub(crate) struct TableJson {
     /// `nat`, `filter`.
     pub table: String,
     /// Chains in declaration order, with their rules.
@@ -68,7 +68,7 @@ pub struct TableJson {
 
 /// One iptables chain.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChainJson {
+pub(crate) struct ChainJson {
     /// Name.
     pub name: String,
     /// `-A` lines, in order.
@@ -77,9 +77,9 @@ pub struct ChainJson {
 
 /// An nftables transaction.
 #[derive(Debug, Clone, Serialize)]
-pub struct TransactionJson {
+pub(crate) struct TransactionJson {
     /// `ip`, `ip6`.
-    pub table_family: &'static str,
+    pub(crate) table_family: &'static str,
     /// Table name.
     pub table: String,
     /// Operations in order.
@@ -88,7 +88,7 @@ pub struct TransactionJson {
 
 /// One nftables operation.
 #[derive(Debug, Clone, Serialize)]
-pub struct OpJson {
+pub(crate) struct OpJson {
     /// `add`, `delete`, `flush`.
     pub verb: &'static str,
     /// `table`, `chain`, `rule`, `set`, `map`, `element`.
@@ -178,7 +178,7 @@ fn transaction_json(tx: &crate::nftables::transaction::Transaction) -> Transacti
 }
 
 /// Renders the full ruleset for every requested family as data.
-pub fn render_json(inputs: &Inputs) -> RenderJson {
+pub(crate) fn render_json(inputs: &Inputs) -> RenderJson {
     let families = inputs
         .families
         .iter()
@@ -228,7 +228,7 @@ pub fn render_text(inputs: &Inputs) -> Result<String, CliError> {
 /// Writes the full ruleset for every requested family, one family at a time and (in
 /// nftables mode) one operation at a time: a 10k-Service ruleset is tens of megabytes,
 /// and holding it as one string beside the transaction was a good part of the peak.
-pub fn write_rendered(inputs: &Inputs, w: &mut impl Write) -> Result<(), CliError> {
+pub(crate) fn write_rendered(inputs: &Inputs, w: &mut impl Write) -> Result<(), CliError> {
     let io = |e: std::io::Error| CliError::failed(format!("writing the rules: {e}"));
     let several = inputs.families.len() > 1;
     for settings in &inputs.families {

@@ -41,7 +41,7 @@ pub struct TraceArgs {
     pub src: IpAddr,
     /// Source port (shown; kube-proxy's rules do not look at it).
     #[arg(long)]
-    pub sport: Option<u16>,
+    pub(crate) sport: Option<u16>,
     /// Destination address of the packet.
     #[arg(long)]
     pub dst: IpAddr,

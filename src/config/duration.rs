@@ -69,7 +69,7 @@ pub enum DurationError {
 }
 
 /// Formats like Go's `Duration.String()`: `0s`, `500ms`, `1.5s`, `1m30s`, `24h0m0s`.
-pub fn format_go_duration(d: Duration) -> String {
+pub(crate) fn format_go_duration(d: Duration) -> String {
     let nanos = d.as_nanos();
     if nanos == 0 {
         return "0s".into();
@@ -148,7 +148,7 @@ impl<'de> Deserialize<'de> for GoDuration {
 /// logging.flushFrequency: component-base accepts a duration string or a number of
 /// nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TimeOrNanos(pub Duration);
+pub(crate) struct TimeOrNanos(pub Duration);
 
 impl Serialize for TimeOrNanos {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -12,7 +12,7 @@ use crate::model::{IpFamily, NodeInfo};
 impl Config {
     /// A feature gate's value: explicit setting, else the default of the Kubernetes
     /// release kproxy follows.
-    pub fn feature_gate(&self, name: &str) -> bool {
+    pub(crate) fn feature_gate(&self, name: &str) -> bool {
         if let Some(v) = self.feature_gates.get(name) {
             return *v;
         }
@@ -20,7 +20,11 @@ impl Config {
     }
 
     /// The local-traffic detector for one family.
-    pub fn local_detector(&self, family: IpFamily, node: Option<&NodeInfo>) -> LocalDetector {
+    pub(crate) fn local_detector(
+        &self,
+        family: IpFamily,
+        node: Option<&NodeInfo>,
+    ) -> LocalDetector {
         match self.detect_local_mode {
             DetectLocalMode::ClusterCidr => self
                 .cluster_cidrs
@@ -126,7 +130,7 @@ pub struct FamilySettings {
     /// This node's primary IP (used for LB source-range "allow from node").
     pub node_ip: Option<IpAddr>,
     /// Local-traffic detector.
-    pub local_detector: LocalDetector,
+    pub(crate) local_detector: LocalDetector,
     /// masqueradeAll.
     pub masquerade_all: bool,
     /// Masquerade mark value.
@@ -146,5 +150,5 @@ pub struct FamilySettings {
     /// iptables supports `--random-fully`.
     pub random_fully: bool,
     /// Endpoint count above which iptables rules lose their per-endpoint comments.
-    pub large_cluster_threshold: usize,
+    pub(crate) large_cluster_threshold: usize,
 }

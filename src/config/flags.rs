@@ -6,7 +6,6 @@
 //! `--help`, the compatibility table's test and `--write-config-to` all read it.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use super::duration::{parse_go_duration, GoDuration, TimeOrNanos};
@@ -56,7 +55,7 @@ pub enum Support {
 /// flags, `--hostname-override` and the logging flags do; every other flag is
 /// "ignored if a config file is specified by --config").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WithConfigFile {
+pub(crate) enum WithConfigFile {
     /// Applied over the file.
     Applies,
     /// Ignored (with one warning naming it).
@@ -75,13 +74,11 @@ pub struct FlagSpec {
     /// What kproxy does with it.
     pub support: Support,
     /// Whether it applies over `--config`.
-    pub with_config: WithConfigFile,
+    pub(crate) with_config: WithConfigFile,
     /// The configuration field it sets (for docs), or "" for process flags.
     pub field: &'static str,
     /// One line of help.
     pub help: &'static str,
-    /// Not an upstream flag: kproxy's own.
-    pub kproxy_only: bool,
 }
 
 macro_rules! flag {
@@ -94,7 +91,6 @@ macro_rules! flag {
             with_config: WithConfigFile::$with,
             field: $field,
             help: $help,
-            kproxy_only: false,
         }
     };
 }
@@ -104,14 +100,14 @@ const P: Support = Support::Process;
 const IPVS: Support = Support::Ignored("kproxy has no IPVS mode");
 
 /// Every flag kproxy's daemon accepts: upstream kube-proxy's, then kproxy's own.
-pub static FLAGS: &[FlagSpec] = &[
+pub(crate) static FLAGS: &[FlagSpec] = &[
     flag!("config", Str, P, Applies, "", "The path to the configuration file."),
     flag!("write-config-to", Str, P, Applies, "", "If set, write the effective configuration to this file and exit."),
     flag!("cleanup", Bool, P, Applies, "", "If true cleanup iptables and nftables rules and exit."),
     flag!("init-only", Bool, P, Applies, "", "If true, perform the initialization steps that need full root privileges (sysctls), then exit."),
     flag!("master", Str, P, Applies, "", "The address of the Kubernetes API server (overrides any value in kubeconfig)."),
-    FlagSpec { name: "version", short: None, kind: FlagKind::Version, support: P, with_config: WithConfigFile::Applies, field: "", help: "--version, --version=raw prints version information and quits.", kproxy_only: false },
-    FlagSpec { name: "help", short: Some('h'), kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "help for kube-proxy", kproxy_only: false },
+    FlagSpec { name: "version", short: None, kind: FlagKind::Version, support: P, with_config: WithConfigFile::Applies, field: "", help: "--version, --version=raw prints version information and quits." },
+    FlagSpec { name: "help", short: Some('h'), kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "help for kube-proxy" },
     flag!("healthz-port", Int, P, Ignored, "healthzBindAddress", "Deprecated: the port of the health check server; 0 disables it. Use --healthz-bind-address."),
     flag!("metrics-port", Int, P, Ignored, "metricsBindAddress", "Deprecated: the port of the metrics server; 0 disables it. Use --metrics-bind-address."),
     flag!("feature-gates", GateMap, H, Ignored, "featureGates", "A set of key=value pairs that describe feature gates for alpha/experimental features."),
@@ -155,7 +151,7 @@ pub static FLAGS: &[FlagSpec] = &[
     flag!("conntrack-udp-timeout-stream", Duration, H, Ignored, "conntrack.udpStreamTimeout", "Idle timeout for ASSURED UDP connections (0 to leave as-is)."),
     flag!("config-sync-period", Duration, Support::Ignored("kproxy watches continuously and relists on expiry; there is no informer resync"), Ignored, "configSyncPeriod", "How often configuration from the apiserver is refreshed."),
     // component-base logging flags (they apply over --config, as upstream copies them).
-    FlagSpec { name: "v", short: Some('v'), kind: FlagKind::Level, support: H, with_config: WithConfigFile::Applies, field: "logging.verbosity", help: "number for the log level verbosity", kproxy_only: false },
+    FlagSpec { name: "v", short: Some('v'), kind: FlagKind::Level, support: H, with_config: WithConfigFile::Applies, field: "logging.verbosity", help: "number for the log level verbosity" },
     flag!("vmodule", VModule, Support::Ignored("per-file verbosity is a Go/klog concept; use KPROXY_LOG=module=level"), Applies, "logging.vmodule", "comma-separated list of pattern=N settings for file-filtered logging."),
     flag!("logging-format", Str, H, Applies, "logging.format", "Sets the log format: text or json."),
     flag!("log-flush-frequency", Duration, Support::Ignored("kproxy writes log lines unbuffered"), Applies, "logging.flushFrequency", "Maximum number of seconds between log flushes."),
@@ -164,11 +160,11 @@ pub static FLAGS: &[FlagSpec] = &[
     flag!("log-text-info-buffer-size", Str, Support::Ignored("kproxy writes log lines unbuffered"), Applies, "logging.options.text.infoBufferSize", "[Alpha] In text format with split output streams, the info messages can be buffered."),
     flag!("log-text-split-stream", Bool, Support::Ignored("kproxy writes every log line to stderr"), Applies, "logging.options.text.splitStream", "[Alpha] In text format, write error messages to stderr and info messages to stdout."),
     // kproxy's own (kept from `kproxy run`'s first command line).
-    FlagSpec { name: "min-sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.minSyncPeriod / nftables.minSyncPeriod", help: "kproxy: the active mode's minimum sync period (same as --iptables-min-sync-period).", kproxy_only: true },
-    FlagSpec { name: "nftables-layout", short: None, kind: FlagKind::Str, support: H, with_config: WithConfigFile::Applies, field: "kproxy.nftablesLayout", help: "kproxy: the nftables table layout, upstream (default: upstream's kube-proxy table) or maps (kproxy's table of sets and data maps; see docs/nftables-maps-layout.md).", kproxy_only: true },
-    FlagSpec { name: "sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.syncPeriod / nftables.syncPeriod", help: "kproxy: the active mode's sync period (same as --iptables-sync-period).", kproxy_only: true },
-    FlagSpec { name: "debug-endpoints", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "kproxy: serve /debug/ruleset and /debug/state on the metrics address (default true).", kproxy_only: true },
-    FlagSpec { name: "shadow", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "kproxy.shadow", help: "kproxy: shadow mode: write no rules, compare each would-be sync with the live rules (kproxy_shadow_differences, /debug/diff); healthz and metrics move to ports 10266 and 10269 unless given. Also KPROXY_SHADOW=true.", kproxy_only: true },
+    FlagSpec { name: "min-sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.minSyncPeriod / nftables.minSyncPeriod", help: "kproxy: the active mode's minimum sync period (same as --iptables-min-sync-period)." },
+    FlagSpec { name: "nftables-layout", short: None, kind: FlagKind::Str, support: H, with_config: WithConfigFile::Applies, field: "kproxy.nftablesLayout", help: "kproxy: the nftables table layout, upstream (default: upstream's kube-proxy table) or maps (kproxy's table of sets and data maps; see docs/nftables-maps-layout.md)." },
+    FlagSpec { name: "sync-period", short: None, kind: FlagKind::Duration, support: H, with_config: WithConfigFile::Ignored, field: "iptables.syncPeriod / nftables.syncPeriod", help: "kproxy: the active mode's sync period (same as --iptables-sync-period)." },
+    FlagSpec { name: "debug-endpoints", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "", help: "kproxy: serve /debug/ruleset and /debug/state on the metrics address (default true)." },
+    FlagSpec { name: "shadow", short: None, kind: FlagKind::Bool, support: P, with_config: WithConfigFile::Applies, field: "kproxy.shadow", help: "kproxy: shadow mode: write no rules, compare each would-be sync with the live rules (kproxy_shadow_differences, /debug/diff); healthz and metrics move to ports 10266 and 10269 unless given. Also KPROXY_SHADOW=true." },
 ];
 
 /// Looks a flag up by its long name, after pflag's `_` → `-` normalisation
@@ -208,15 +204,15 @@ pub enum FlagError {
 
 /// The command line, split into process switches and configuration flags.
 #[derive(Debug, Default, Clone)]
-pub struct CommandLine {
+pub(crate) struct CommandLine {
     /// `--config`.
     pub config_file: Option<PathBuf>,
     /// `--write-config-to`.
-    pub write_config_to: Option<PathBuf>,
+    pub(crate) write_config_to: Option<PathBuf>,
     /// `--cleanup`.
     pub cleanup: bool,
     /// `--init-only`.
-    pub init_only: bool,
+    pub(crate) init_only: bool,
     /// `--shadow` (kproxy's shadow mode).
     pub shadow: bool,
     /// `--master`.
@@ -226,17 +222,17 @@ pub struct CommandLine {
     /// `--help`.
     pub help: bool,
     /// `--debug-endpoints` (None: the default, on).
-    pub debug_endpoints: Option<bool>,
+    pub(crate) debug_endpoints: Option<bool>,
     /// Deprecated `--healthz-port` / `--metrics-port`.
-    pub healthz_port: Option<i32>,
+    pub(crate) healthz_port: Option<i32>,
     /// Deprecated `--metrics-port`.
-    pub metrics_port: Option<i32>,
+    pub(crate) metrics_port: Option<i32>,
     /// Configuration flags in the order given, values as written.
     pub settings: Vec<(&'static FlagSpec, String)>,
 }
 
 /// Go's strconv.ParseBool.
-pub fn parse_bool(s: &str) -> Option<bool> {
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
@@ -247,7 +243,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 impl CommandLine {
     /// Parses arguments (without the program name) with pflag's rules: `--f=v`,
     /// `--f v`, `--bool`, `--bool=false`, `-v 2`, `-v=2`, `-v2`, `--` ends flags.
-    pub fn parse<I, S>(args: I) -> Result<CommandLine, FlagError>
+    pub(crate) fn parse<I, S>(args: I) -> Result<CommandLine, FlagError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -391,7 +387,7 @@ fn check_value(spec: &'static FlagSpec, value: &str) -> Result<(), FlagError> {
 }
 
 /// `A=true,B=false` (cliflag.MapStringBool).
-pub fn parse_gates(value: &str) -> Result<BTreeMap<String, bool>, String> {
+pub(crate) fn parse_gates(value: &str) -> Result<BTreeMap<String, bool>, String> {
     let mut out = BTreeMap::new();
     for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (k, v) = part
@@ -431,7 +427,7 @@ fn parse_list(value: &str) -> Vec<String> {
 
 /// A flag whose effect depends on the proxy mode: applied after the others, so that
 /// `--iptables-sync-period=5s --proxy-mode=nftables` means what upstream means.
-pub fn mode_dependent(spec: &FlagSpec) -> bool {
+pub(crate) fn mode_dependent(spec: &FlagSpec) -> bool {
     matches!(
         spec.name,
         "iptables-sync-period" | "iptables-min-sync-period" | "min-sync-period" | "sync-period"
@@ -561,13 +557,8 @@ fn set_log_option(doc: &mut Document, format: &str, key: &str, value: &str, bool
     }
 }
 
-/// `IP` of a flag's bare-IP form, for `--bind-address` checks in tests and docs.
-pub fn is_ip(value: &str) -> bool {
-    value.parse::<IpAddr>().is_ok()
-}
-
 /// The `--help` text: every flag with its help line.
-pub fn help_text() -> String {
+pub(crate) fn help_text() -> String {
     let mut out = String::from(
         "kproxy: a kube-proxy replacement. Without a subcommand it runs the node daemon with\n\
          kube-proxy's flags (also when invoked as `kube-proxy`).\n\n\

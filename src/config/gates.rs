@@ -3,14 +3,14 @@
 //! kproxy honours the gates that change proxy behaviour and accepts the rest by name.
 
 /// Gates that change what kproxy does, with the default of the release kproxy follows.
-pub const HONOURED: &[(&str, bool)] = &[
+pub(crate) const HONOURED: &[(&str, bool)] = &[
     ("LoadBalancerIPMode", true),
     ("PreferSameTrafficDistribution", true),
 ];
 
 /// Gates kube-proxy's flag accepts (Kubernetes 1.33–1.35 and shortly before) that have
 /// no effect on a proxy. Setting one is not an error, as upstream; kproxy notes it.
-pub const KNOWN: &[&str] = &[
+pub(crate) const KNOWN: &[&str] = &[
     "AllAlpha",
     "AllBeta",
     "AllowDNSOnlyNodeCSR",
@@ -231,11 +231,11 @@ pub const KNOWN: &[&str] = &[
 ];
 
 /// The default of a gate kproxy honours.
-pub fn default_of(name: &str) -> Option<bool> {
+pub(crate) fn default_of(name: &str) -> Option<bool> {
     HONOURED.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
 }
 
 /// Whether a gate name is one kube-proxy's flag would accept.
-pub fn is_known(name: &str) -> bool {
+pub(crate) fn is_known(name: &str) -> bool {
     default_of(name).is_some() || KNOWN.contains(&name)
 }

@@ -132,19 +132,11 @@ pub enum NftablesLayout {
 
 impl NftablesLayout {
     /// Parses the flag's spelling ("" means upstream).
-    pub fn parse(s: &str) -> Option<NftablesLayout> {
+    pub(crate) fn parse(s: &str) -> Option<NftablesLayout> {
         match s {
             "" | "upstream" => Some(NftablesLayout::Upstream),
             "maps" => Some(NftablesLayout::Maps),
             _ => None,
-        }
-    }
-
-    /// The flag's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NftablesLayout::Upstream => "upstream",
-            NftablesLayout::Maps => "maps",
         }
     }
 }
@@ -165,7 +157,7 @@ pub enum DetectLocalMode {
 
 /// How one family's proxier tells pod traffic from the rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalDetector {
+pub(crate) enum LocalDetector {
     /// No detector: the rules that need one are omitted.
     None,
     /// Source address in this CIDR.
@@ -189,19 +181,19 @@ pub enum NodePortAddresses {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConntrackConfig {
     /// maxPerCore (0 = leave nf_conntrack_max alone).
-    pub max_per_core: u32,
+    pub(crate) max_per_core: u32,
     /// min.
     pub min: u32,
     /// tcpEstablishedTimeout.
-    pub tcp_established_timeout: Duration,
+    pub(crate) tcp_established_timeout: Duration,
     /// tcpCloseWaitTimeout.
-    pub tcp_close_wait_timeout: Duration,
+    pub(crate) tcp_close_wait_timeout: Duration,
     /// tcpBeLiberal.
     pub tcp_be_liberal: bool,
     /// udpTimeout.
-    pub udp_timeout: Duration,
+    pub(crate) udp_timeout: Duration,
     /// udpStreamTimeout.
-    pub udp_stream_timeout: Duration,
+    pub(crate) udp_stream_timeout: Duration,
 }
 
 impl Default for ConntrackConfig {
@@ -297,7 +289,7 @@ impl Default for Config {
 
 /// Which flags win over a config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precedence {
+pub(crate) enum Precedence {
     /// kube-proxy's: with `--config`, the file wins; only `--hostname-override`, the
     /// logging flags and the process flags still apply (the others are named in one
     /// warning).
@@ -308,22 +300,23 @@ pub enum Precedence {
 
 /// What [`resolve`] merges.
 #[derive(Debug, Clone)]
-pub struct Sources<'a> {
+pub(crate) struct Sources<'a> {
     /// `--config`.
     pub file: Option<&'a Path>,
     /// Configuration flags in the order given.
     pub flags: &'a [(&'static FlagSpec, String)],
     /// Which flags win.
-    pub precedence: Precedence,
+    pub(crate) precedence: Precedence,
     /// Deprecated `--healthz-port` (applies only without a config file, as upstream).
-    pub healthz_port: Option<i32>,
+    pub(crate) healthz_port: Option<i32>,
     /// Deprecated `--metrics-port`.
-    pub metrics_port: Option<i32>,
+    pub(crate) metrics_port: Option<i32>,
 }
 
 impl<'a> Sources<'a> {
-    /// Only flags, no file.
-    pub fn flags(flags: &'a [(&'static FlagSpec, String)], precedence: Precedence) -> Self {
+    /// Only flags, no file (the unit tests' way in).
+    #[cfg(test)]
+    pub(crate) fn flags(flags: &'a [(&'static FlagSpec, String)], precedence: Precedence) -> Self {
         Sources {
             file: None,
             flags,
@@ -337,15 +330,15 @@ impl<'a> Sources<'a> {
 /// The merged configuration and the notes to log once at start-up (ignored flags and
 /// fields, lenient decoding).
 #[derive(Debug, Clone)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     /// The settings.
     pub config: Config,
     /// One line each.
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// The one merge of flags over the config file, for every command.
-pub fn resolve(src: &Sources<'_>) -> Result<Resolved, ConfigError> {
+pub(crate) fn resolve(src: &Sources<'_>) -> Result<Resolved, ConfigError> {
     let mut notes = Vec::new();
     let mut doc = match src.file {
         Some(path) => {
@@ -425,7 +418,10 @@ pub fn resolve(src: &Sources<'_>) -> Result<Resolved, ConfigError> {
 /// apiVersion and kind checked as upstream's decoder does. Returns the document and a
 /// note for every field upstream's strict decoding would refuse (it then decodes
 /// leniently and logs, as kproxy does).
-pub fn load_document(text: &str, origin: &str) -> Result<(Document, Vec<String>), ConfigError> {
+pub(crate) fn load_document(
+    text: &str,
+    origin: &str,
+) -> Result<(Document, Vec<String>), ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let not_kpc = |problem: String| ConfigError::NotKubeProxyConfiguration {
         path: origin.to_string(),
@@ -534,18 +530,6 @@ fn dur(v: Option<duration::GoDuration>) -> Duration {
 }
 
 impl Config {
-    /// Reads a KubeProxyConfiguration file (the defaults under it, no flags).
-    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        resolve(&Sources {
-            file: Some(path),
-            flags: &[],
-            precedence: Precedence::Upstream,
-            healthz_port: None,
-            metrics_port: None,
-        })
-        .map(|r| r.config)
-    }
-
     /// Parses KubeProxyConfiguration YAML text on top of the defaults.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let (mut doc, _) = load_document(text, origin)?;
@@ -557,7 +541,7 @@ impl Config {
     /// fields that are set but have no effect in kproxy. `mode_defaults` applies the
     /// per-mode defaults upstream's `platformApplyDefaults` adds (nftables:
     /// `nodePortAddresses: [primary]`).
-    pub fn from_document(
+    pub(crate) fn from_document(
         mut doc: Document,
         mode_defaults: bool,
     ) -> Result<(Config, Vec<String>), ConfigError> {

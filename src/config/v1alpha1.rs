@@ -11,42 +11,42 @@ use serde::{Deserialize, Serialize};
 use super::duration::{GoDuration, TimeOrNanos};
 
 /// The only apiVersion upstream kube-proxy 1.34/1.35 reads.
-pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub(crate) const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 /// The kind.
-pub const KIND: &str = "KubeProxyConfiguration";
+pub(crate) const KIND: &str = "KubeProxyConfiguration";
 
 /// A KubeProxyConfiguration as written in a file (or produced from flags).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Document {
-    pub api_version: Option<String>,
+    pub(crate) api_version: Option<String>,
     pub kind: Option<String>,
-    pub bind_address: Option<String>,
-    pub bind_address_hard_fail: Option<bool>,
-    pub client_connection: ClientConnection,
+    pub(crate) bind_address: Option<String>,
+    pub(crate) bind_address_hard_fail: Option<bool>,
+    pub(crate) client_connection: ClientConnection,
     #[serde(rename = "clusterCIDR")]
     pub cluster_cidr: Option<String>,
-    pub config_sync_period: Option<GoDuration>,
+    pub(crate) config_sync_period: Option<GoDuration>,
     pub conntrack: Conntrack,
-    pub detect_local: DetectLocal,
-    pub detect_local_mode: Option<String>,
-    pub enable_profiling: Option<bool>,
+    pub(crate) detect_local: DetectLocal,
+    pub(crate) detect_local_mode: Option<String>,
+    pub(crate) enable_profiling: Option<bool>,
     pub feature_gates: Option<BTreeMap<String, bool>>,
     pub healthz_bind_address: Option<String>,
-    pub hostname_override: Option<String>,
+    pub(crate) hostname_override: Option<String>,
     pub iptables: Iptables,
     pub ipvs: Ipvs,
     pub logging: Logging,
-    pub metrics_bind_address: Option<String>,
+    pub(crate) metrics_bind_address: Option<String>,
     pub mode: Option<String>,
     pub nftables: Nftables,
-    pub node_port_addresses: Option<Vec<String>>,
+    pub(crate) node_port_addresses: Option<Vec<String>>,
     pub oom_score_adj: Option<i32>,
-    pub port_range: Option<String>,
-    pub show_hidden_metrics_for_version: Option<String>,
+    pub(crate) port_range: Option<String>,
+    pub(crate) show_hidden_metrics_for_version: Option<String>,
     pub winkernel: Winkernel,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub windows_run_as_service: Option<bool>,
+    pub(crate) windows_run_as_service: Option<bool>,
     /// kproxy's own settings. Upstream's lenient decoding ignores an unknown
     /// top-level field, so one file serves both programs.
     #[serde(skip_serializing_if = "Kproxy::is_empty")]
@@ -60,10 +60,10 @@ pub struct Document {
 /// clientConnection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct ClientConnection {
-    pub accept_content_types: Option<String>,
+pub(crate) struct ClientConnection {
+    pub(crate) accept_content_types: Option<String>,
     pub burst: Option<i32>,
-    pub content_type: Option<String>,
+    pub(crate) content_type: Option<String>,
     pub kubeconfig: Option<String>,
     pub qps: Option<f32>,
 }
@@ -72,28 +72,28 @@ pub struct ClientConnection {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Conntrack {
-    pub max_per_core: Option<i32>,
+    pub(crate) max_per_core: Option<i32>,
     pub min: Option<i32>,
     pub tcp_be_liberal: Option<bool>,
-    pub tcp_close_wait_timeout: Option<GoDuration>,
-    pub tcp_established_timeout: Option<GoDuration>,
-    pub udp_stream_timeout: Option<GoDuration>,
-    pub udp_timeout: Option<GoDuration>,
+    pub(crate) tcp_close_wait_timeout: Option<GoDuration>,
+    pub(crate) tcp_established_timeout: Option<GoDuration>,
+    pub(crate) udp_stream_timeout: Option<GoDuration>,
+    pub(crate) udp_timeout: Option<GoDuration>,
 }
 
 /// detectLocal.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct DetectLocal {
-    pub bridge_interface: Option<String>,
-    pub interface_name_prefix: Option<String>,
+pub(crate) struct DetectLocal {
+    pub(crate) bridge_interface: Option<String>,
+    pub(crate) interface_name_prefix: Option<String>,
 }
 
 /// iptables.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Iptables {
-    pub localhost_node_ports: Option<bool>,
+    pub(crate) localhost_node_ports: Option<bool>,
     pub masquerade_all: Option<bool>,
     pub masquerade_bit: Option<i32>,
     pub min_sync_period: Option<GoDuration>,
@@ -105,15 +105,15 @@ pub struct Iptables {
 #[serde(rename_all = "camelCase", default)]
 pub struct Ipvs {
     #[serde(rename = "excludeCIDRs")]
-    pub exclude_cidrs: Option<Vec<String>>,
+    pub(crate) exclude_cidrs: Option<Vec<String>>,
     pub min_sync_period: Option<GoDuration>,
     pub scheduler: Option<String>,
     #[serde(rename = "strictARP")]
-    pub strict_arp: Option<bool>,
+    pub(crate) strict_arp: Option<bool>,
     pub sync_period: Option<GoDuration>,
-    pub tcp_fin_timeout: Option<GoDuration>,
-    pub tcp_timeout: Option<GoDuration>,
-    pub udp_timeout: Option<GoDuration>,
+    pub(crate) tcp_fin_timeout: Option<GoDuration>,
+    pub(crate) tcp_timeout: Option<GoDuration>,
+    pub(crate) udp_timeout: Option<GoDuration>,
 }
 
 /// nftables.
@@ -131,18 +131,18 @@ pub struct Nftables {
 #[serde(rename_all = "camelCase", default)]
 pub struct Winkernel {
     #[serde(rename = "enableDSR")]
-    pub enable_dsr: Option<bool>,
-    pub forward_health_check_vip: Option<bool>,
-    pub network_name: Option<String>,
-    pub root_hns_endpoint_name: Option<String>,
-    pub source_vip: Option<String>,
+    pub(crate) enable_dsr: Option<bool>,
+    pub(crate) forward_health_check_vip: Option<bool>,
+    pub(crate) network_name: Option<String>,
+    pub(crate) root_hns_endpoint_name: Option<String>,
+    pub(crate) source_vip: Option<String>,
 }
 
 /// logging (component-base LoggingConfiguration).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Logging {
-    pub flush_frequency: Option<TimeOrNanos>,
+    pub(crate) flush_frequency: Option<TimeOrNanos>,
     pub format: Option<String>,
     /// Format-specific options (`json.infoBufferSize`, `text.splitStream`, …): kept as
     /// written; kproxy writes one stream and buffers nothing.
@@ -155,7 +155,7 @@ pub struct Logging {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct VModuleItem {
-    pub file_pattern: String,
+    pub(crate) file_pattern: String,
     pub verbosity: u32,
 }
 
@@ -168,7 +168,7 @@ pub struct Kproxy {
     pub shadow: Option<bool>,
     /// `nftablesLayout`: `upstream` (default) or `maps` (see docs/nftables-maps-layout.md).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub nftables_layout: Option<String>,
+    pub(crate) nftables_layout: Option<String>,
     /// Unknown keys inside the section are errors: the section is ours to define.
     #[serde(flatten, skip_serializing)]
     pub unknown: BTreeMap<String, serde_yaml_ng::Value>,
@@ -214,7 +214,7 @@ impl Document {
     /// Upstream's `SetDefaults_KubeProxyConfiguration`: zero durations, empty strings
     /// and nulls become the defaults. Non-pointer zeros that upstream keeps (e.g.
     /// `conntrack.udpTimeout: 0s`, "leave as is") stay zero.
-    pub fn apply_defaults(&mut self) {
+    pub(crate) fn apply_defaults(&mut self) {
         set_empty_string(&mut self.bind_address, "0.0.0.0");
         let v6 = self
             .bind_address
@@ -319,7 +319,7 @@ impl Document {
     }
 
     /// The YAML `--write-config-to` writes: every field, upstream's names.
-    pub fn to_yaml(&self) -> Result<String, serde_yaml_ng::Error> {
+    pub(crate) fn to_yaml(&self) -> Result<String, serde_yaml_ng::Error> {
         serde_yaml_ng::to_string(self)
     }
 }

@@ -5,7 +5,7 @@
 use crate::config::Config;
 
 /// The `/configz` body.
-pub fn body(cfg: &Config) -> String {
+pub(crate) fn body(cfg: &Config) -> String {
     // A Document is plain data (strings, numbers, maps): encoding cannot fail; should
     // it ever, /configz says so rather than serving nothing.
     let doc = serde_json::to_value(&cfg.document)

@@ -22,7 +22,7 @@ use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::nftables::text::transaction_text;
 
 /// The JSON schema identifier of `/debug/state`.
-pub const STATE_SCHEMA: &str = "https://kproxy.dev/schema/debug-state.v1.json";
+pub(crate) const STATE_SCHEMA: &str = "https://kproxy.dev/schema/debug-state.v1.json";
 
 /// One recorded sync.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub struct DebugState {
 
 impl DebugState {
     /// Nothing recorded yet.
-    pub fn new() -> DebugState {
+    pub(crate) fn new() -> DebugState {
         DebugState::default()
     }
 
@@ -102,7 +102,7 @@ impl DebugState {
     }
 
     /// `/debug/ruleset`: per family, the last applied and the last failed rules.
-    pub fn ruleset_text(&self) -> String {
+    pub(crate) fn ruleset_text(&self) -> String {
         let families = self.lock().families.clone();
         let mut out = String::new();
         if families.is_empty() {
@@ -133,7 +133,7 @@ impl DebugState {
     }
 
     /// `/debug/state`: the service map of every family, explained.
-    pub fn state_json(&self, shared: &Shared) -> String {
+    pub(crate) fn state_json(&self, shared: &Shared) -> String {
         let (families, node) = {
             let g = self.lock();
             (g.families.clone(), g.node.clone().unwrap_or_default())

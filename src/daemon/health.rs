@@ -14,7 +14,7 @@ use crate::model::{IpFamily, ObjectKey, ProxyState};
 /// Per-family sync health: when rules were last applied, and the oldest change still
 /// waiting for a sync.
 #[derive(Debug, Default)]
-pub struct HealthState {
+pub(crate) struct HealthState {
     families: BTreeMap<IpFamily, (Option<SystemTime>, Option<SystemTime>)>,
     node_eligible: bool,
     metrics: Option<Metrics>,
@@ -68,14 +68,14 @@ impl Health {
     /// [`serve_healthz`] gives in `m` (`kubeproxy_proxy_healthz_total{code}`,
     /// `kubeproxy_proxy_livez_total{code}`). Shared by every clone, like
     /// [`Health::set_metrics`].
-    pub fn with_metrics(self, m: Metrics) -> Health {
+    pub(crate) fn with_metrics(self, m: Metrics) -> Health {
         self.set_metrics(m);
         self
     }
 
     /// Counts the `/healthz` and `/livez` responses in `m`, for this health and every
     /// clone of it (including one already handed to [`serve_healthz`]).
-    pub fn set_metrics(&self, m: Metrics) {
+    pub(crate) fn set_metrics(&self, m: Metrics) {
         self.lock().metrics = Some(m);
     }
 
@@ -98,7 +98,7 @@ impl Health {
     }
 
     /// A family's rules were applied.
-    pub fn updated(&self, family: IpFamily) {
+    pub(crate) fn updated(&self, family: IpFamily) {
         let mut st = self.lock();
         let e = st.families.entry(family).or_default();
         e.0 = Some(SystemTime::now());
@@ -115,7 +115,7 @@ impl Health {
     }
 
     /// Node eligibility (its Node exists and is not being deleted).
-    pub fn set_node_eligible(&self, eligible: bool) {
+    pub(crate) fn set_node_eligible(&self, eligible: bool) {
         self.lock().node_eligible = eligible;
     }
 
@@ -207,7 +207,7 @@ impl Health {
 
 /// Serves `/healthz` and `/livez`, counting responses by status code when the health
 /// carries [`Metrics`].
-pub fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server> {
+pub(crate) fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server> {
     serve(addr, move |req: &super::http::Request| {
         let path = req.path.as_str();
         match path.split('?').next().unwrap_or("") {
@@ -235,14 +235,14 @@ pub fn serve_healthz(addr: SocketAddr, health: Health) -> std::io::Result<Server
 }
 
 /// The per-service health-check body (tab-indented, no trailing newline).
-pub fn service_body(ns: &str, name: &str, local: usize, healthy: bool) -> String {
+pub(crate) fn service_body(ns: &str, name: &str, local: usize, healthy: bool) -> String {
     format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {ns:?},\n\t\t\"name\": {name:?}\n\t}},\n\t\"localEndpoints\": {local},\n\t\"serviceProxyHealthy\": {healthy}\n}}"
     )
 }
 
 /// Health-check node port servers, one per Service, updated after each sync.
-pub struct ServiceHealth {
+pub(crate) struct ServiceHealth {
     health: Health,
     bind: IpAddr,
     servers: BTreeMap<ObjectKey, (u16, Server)>,
@@ -251,7 +251,7 @@ pub struct ServiceHealth {
 
 impl ServiceHealth {
     /// Listeners bind to `bind` (0.0.0.0 when NodePorts match every address).
-    pub fn new(health: Health, bind: IpAddr) -> ServiceHealth {
+    pub(crate) fn new(health: Health, bind: IpAddr) -> ServiceHealth {
         ServiceHealth {
             health,
             bind,
@@ -262,7 +262,7 @@ impl ServiceHealth {
 
     /// Opens, keeps or closes servers to match the state, and updates the counts of
     /// distinct local ready endpoint IPs they report.
-    pub fn update(&mut self, state: &ProxyState) {
+    pub(crate) fn update(&mut self, state: &ProxyState) {
         let mut wanted: BTreeMap<ObjectKey, (u16, std::collections::BTreeSet<IpAddr>)> =
             BTreeMap::new();
         for p in &state.ports {

@@ -31,8 +31,6 @@ pub struct Response {
 /// What a handler sees of a request.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
-    /// `GET`, …
-    pub method: String,
     /// The path, query included.
     pub path: String,
     /// The `Accept` header ("" when absent), for content negotiation.
@@ -113,7 +111,6 @@ async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let request = Request {
-        method: req.method().as_str().to_string(),
         path: req
             .uri()
             .path_and_query()

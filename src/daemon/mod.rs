@@ -3,7 +3,7 @@
 //! through one dataplane per IP family, rate-limited, with retries that force full syncs.
 //! Serves `/healthz` + `/livez`, per-service health-check node ports and `/metrics`.
 
-pub mod configz;
+pub(crate) mod configz;
 pub mod debug;
 pub mod health;
 pub mod http;
@@ -27,7 +27,7 @@ use crate::model::{ClusterState, IpFamily, ProxyState};
 /// and every change is made (and signalled) under that lock, so no wake-up is lost and
 /// nobody has to poll.
 #[derive(Debug)]
-pub struct DaemonState {
+pub(crate) struct DaemonState {
     /// The cluster.
     pub cluster: ClusterState,
     /// Something changed since the sync loop last took the state.
@@ -222,7 +222,7 @@ impl Shared {
     }
 
     /// Counts one Service (or EndpointSlice) event from a watch.
-    pub fn note_change(&self, endpoints: bool) {
+    pub(crate) fn note_change(&self, endpoints: bool) {
         self.metrics.change(endpoints);
         let (services, slices) = {
             let mut st = self.lock();
@@ -310,7 +310,7 @@ pub enum DaemonError {
 
 /// Writes the effective configuration as upstream's v1alpha1 YAML
 /// (`--write-config-to`).
-pub fn write_config(cfg: &Config, path: &Path) -> Result<(), DaemonError> {
+pub(crate) fn write_config(cfg: &Config, path: &Path) -> Result<(), DaemonError> {
     let yaml = cfg.document.to_yaml().map_err(DaemonError::Encode)?;
     std::fs::write(path, yaml).map_err(|source| DaemonError::WriteConfig {
         path: path.display().to_string(),
@@ -322,7 +322,7 @@ pub fn write_config(cfg: &Config, path: &Path) -> Result<(), DaemonError> {
 
 /// The privileged start-up work (`--init-only` stops after it): conntrack sysctls, and
 /// route_localnet for localhost NodePorts in iptables mode.
-pub fn init_host(cfg: &Config) {
+pub(crate) fn init_host(cfg: &Config) {
     crate::sysctl::tune_conntrack(&cfg.conntrack);
     if cfg.mode == Mode::Iptables && cfg.localhost_nodeports {
         crate::sysctl::ensure_or_warn("net/ipv4/conf/all/route_localnet", "1");
@@ -364,7 +364,7 @@ fn bind_or_warn<T>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunOptions {
     /// Serve /debug/ruleset and /debug/state on the metrics address.
-    pub debug_endpoints: bool,
+    pub(crate) debug_endpoints: bool,
     /// Shadow mode: nothing on the node is written (no rules, sysctls, conntrack
     /// entries or health-check ports): see [`shadow`].
     pub shadow: bool,

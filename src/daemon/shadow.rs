@@ -18,13 +18,13 @@ use crate::model::{IpFamily, ProxyState};
 
 /// Default ports in shadow mode, so as not to collide with kube-proxy's 10256 (healthz)
 /// and 10249 (metrics) on the same node, nor kube-scheduler's 10259.
-pub const HEALTHZ_PORT: u16 = 10266;
+pub(crate) const HEALTHZ_PORT: u16 = 10266;
 /// See [`HEALTHZ_PORT`].
-pub const METRICS_PORT: u16 = 10269;
+pub(crate) const METRICS_PORT: u16 = 10269;
 
 /// The last comparison of every family, combined for the metric and `/debug/diff`.
 #[derive(Debug, Clone)]
-pub struct ShadowReports {
+pub(crate) struct ShadowReports {
     mode: Mode,
     metrics: Metrics,
     by_family: Arc<Mutex<BTreeMap<IpFamily, (usize, String)>>>,
@@ -32,7 +32,7 @@ pub struct ShadowReports {
 
 impl ShadowReports {
     /// Reports of `mode`, exported through `metrics`.
-    pub fn new(mode: Mode, metrics: Metrics) -> ShadowReports {
+    pub(crate) fn new(mode: Mode, metrics: Metrics) -> ShadowReports {
         ShadowReports {
             mode,
             metrics,
@@ -58,10 +58,10 @@ impl ShadowReports {
 /// Why a shadow comparison failed (reading either side, or the scratch namespace).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ShadowFailure(String);
+pub(crate) struct ShadowFailure(String);
 
 /// A dataplane that renders and compares instead of applying.
-pub struct ShadowDataplane {
+pub(crate) struct ShadowDataplane {
     inner: Box<dyn Dataplane>,
     scratch: Scratch,
     mode: Mode,
@@ -73,7 +73,7 @@ pub struct ShadowDataplane {
 impl ShadowDataplane {
     /// A shadow of the `mode` dataplane for `settings.family` (creates its scratch
     /// network namespace: needs CAP_SYS_ADMIN).
-    pub fn new(
+    pub(crate) fn new(
         mode: Mode,
         settings: FamilySettings,
         backend: Backend,
@@ -175,7 +175,7 @@ impl Dataplane for ShadowDataplane {
 /// The shadow's dataplanes, one per family (no health-check node ports: kube-proxy
 /// serves those). A family whose scratch namespace cannot be made is logged and left
 /// out: a shadow must never fall back to writing the node's rules.
-pub fn build_planes(
+pub(crate) fn build_planes(
     cfg: &crate::config::Config,
     host: &crate::host::Host,
     node_name: &str,
@@ -209,7 +209,11 @@ pub fn build_planes(
 /// Moves the health and metrics ports off kube-proxy's unless given on the command line
 /// (a kube-proxy configuration file names kube-proxy's own); the effective document
 /// (`/configz`, `--write-config-to`) follows.
-pub fn shadow_ports(cfg: &mut crate::config::Config, healthz_flag: bool, metrics_flag: bool) {
+pub(crate) fn shadow_ports(
+    cfg: &mut crate::config::Config,
+    healthz_flag: bool,
+    metrics_flag: bool,
+) {
     if !healthz_flag {
         if let Some(a) = cfg.healthz_bind_address.as_mut() {
             a.set_port(HEALTHZ_PORT);

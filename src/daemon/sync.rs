@@ -13,10 +13,10 @@ use crate::dataplane::Dataplane;
 use crate::model::{ClusterState, IpFamily, NodeContext, ProxyState};
 
 /// Upstream's FullSyncPeriod: even without failures, rewrite everything this often.
-pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+pub(crate) const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
 /// First retry delay after a failed sync; doubles up to syncPeriod.
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Timing and identity of the loop.
 #[derive(Debug, Clone)]
@@ -34,19 +34,19 @@ pub struct LoopSettings {
 }
 
 /// Cleans conntrack after a successful sync of one family; returns the flows deleted.
-pub type ConntrackHook = Box<dyn FnMut(&ProxyState) -> Result<usize, String> + Send>;
+pub(crate) type ConntrackHook = Box<dyn FnMut(&ProxyState) -> Result<usize, String> + Send>;
 
 /// What the loop drives.
-pub struct Planes {
+pub(crate) struct Planes {
     /// One dataplane per IP family; the first is the primary family.
     pub dataplanes: Vec<Box<dyn Dataplane>>,
     /// Per-Service health-check node ports, fed from the primary family's state.
-    pub service_health: Option<ServiceHealth>,
+    pub(crate) service_health: Option<ServiceHealth>,
 }
 
 /// Builds the dataplanes once the watchers have listed (they need the Node's
 /// addresses and labels).
-pub type PlaneFactory = Box<dyn FnOnce(&ClusterState) -> Planes + Send>;
+pub(crate) type PlaneFactory = Box<dyn FnOnce(&ClusterState) -> Planes + Send>;
 
 /// What one sync works from, taken under the shared lock.
 struct Snapshot {
@@ -81,21 +81,15 @@ impl SyncLoop {
     }
 
     /// A loop whose dataplanes are built by `factory` after the first lists.
-    pub fn deferred(settings: LoopSettings, factory: PlaneFactory) -> SyncLoop {
+    pub(crate) fn deferred(settings: LoopSettings, factory: PlaneFactory) -> SyncLoop {
         let mut l = SyncLoop::new(settings, Vec::new());
         l.factory = Some(factory);
         l
     }
 
     /// Runs `hook` after each successful sync of a family (conntrack clean-up).
-    pub fn with_conntrack(mut self, hook: ConntrackHook) -> SyncLoop {
+    pub(crate) fn with_conntrack(mut self, hook: ConntrackHook) -> SyncLoop {
         self.conntrack = hook;
-        self
-    }
-
-    /// Serves per-Service health-check node ports from the primary family's state.
-    pub fn with_service_health(mut self, hc: ServiceHealth) -> SyncLoop {
-        self.service_health = Some(hc);
         self
     }
 

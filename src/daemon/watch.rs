@@ -210,11 +210,11 @@ async fn watch_kind<K>(
 
 /// Upstream's label selector for both Services and EndpointSlices: objects handled by
 /// another service proxy, and headless Services' slices, are not ours.
-pub const PROXIED: &str =
+pub(crate) const PROXIED: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// An EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` and family.
-pub fn slice_trigger_time(slice: &EndpointSlice) -> Option<(IpFamily, SystemTime)> {
+pub(crate) fn slice_trigger_time(slice: &EndpointSlice) -> Option<(IpFamily, SystemTime)> {
     let family = match slice.address_type.as_str() {
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,
@@ -230,7 +230,12 @@ pub fn slice_trigger_time(slice: &EndpointSlice) -> Option<(IpFamily, SystemTime
 }
 
 /// Starts the four watchers on the runtime.
-pub fn spawn_all(rt: &tokio::runtime::Runtime, client: Client, shared: Arc<Shared>, node: String) {
+pub(crate) fn spawn_all(
+    rt: &tokio::runtime::Runtime,
+    client: Client,
+    shared: Arc<Shared>,
+    node: String,
+) {
     rt.spawn(watch_kind::<Service>(
         Api::all(client.clone()),
         watcher::Config::default().labels(PROXIED),

@@ -10,7 +10,7 @@ use crate::iptables::normalize::{self, rule_param};
 /// Why a dump could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("iptables-save output, line {line}: {what}: {text:?}")]
-pub struct ParseError {
+pub(crate) struct ParseError {
     /// 1-based line.
     pub line: usize,
     /// What is wrong.
@@ -55,7 +55,7 @@ fn target(rule: &str) -> Option<String> {
 }
 
 /// Parses one family's `iptables-save` output (`label` is `IPv4` or `IPv6`).
-pub fn parse_save(text: &str, label: &str) -> Result<Ruleset, ParseError> {
+pub(crate) fn parse_save(text: &str, label: &str) -> Result<Ruleset, ParseError> {
     let mut tables: Vec<normalize::Table> = Vec::new();
     let mut builtin_rules: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     let mut current: Option<usize> = None;
@@ -149,13 +149,13 @@ fn comment_service(rule: &str) -> Option<String> {
 /// Which Service port each per-Service chain serves, learnt from both sides' comments
 /// (a chain's own rules, or the rules jumping to it).
 #[derive(Debug, Default)]
-pub struct Owners {
+pub(crate) struct Owners {
     chains: BTreeMap<String, String>,
 }
 
 impl Owners {
     /// Learns from every ruleset given.
-    pub fn learn(sets: &[&Ruleset]) -> Owners {
+    pub(crate) fn learn(sets: &[&Ruleset]) -> Owners {
         let mut chains: BTreeMap<String, String> = BTreeMap::new();
         for rs in sets {
             for ((_, name), c) in &rs.chains {

@@ -56,7 +56,7 @@ fn run(program: &str, args: &[&str]) -> Result<std::process::Output, LiveError> 
 }
 
 /// `iptables-save` of one family (all tables) in the current network namespace.
-pub fn iptables_save(bins: &Binaries) -> Result<String, LiveError> {
+pub(crate) fn iptables_save(bins: &Binaries) -> Result<String, LiveError> {
     let out = run(&bins.save, &[])?;
     if !out.status.success() {
         return Err(LiveError::Command {
@@ -148,7 +148,7 @@ fn ensure_nfacct(settings: &FamilySettings) {
 }
 
 /// One family's dataplane in `mode`, for applying inside a scratch namespace.
-pub fn scratch_plane(
+pub(crate) fn scratch_plane(
     mode: Mode,
     settings: FamilySettings,
     backend: Backend,

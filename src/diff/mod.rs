@@ -23,10 +23,10 @@ pub struct ChainDump {
     pub rules: Vec<String>,
     /// Whether rule order is significant (it is not in chains upstream writes in Go map
     /// order, or where jump rules are inserted in history order).
-    pub ordered: bool,
+    pub(crate) ordered: bool,
     /// A built-in chain (iptables): only the jump rules into kube-proxy's chains are
     /// kept, and a side without any has it empty rather than missing.
-    pub builtin: bool,
+    pub(crate) builtin: bool,
 }
 
 /// One set or map of a dump.
@@ -431,7 +431,7 @@ pub fn compare(desired: &Ruleset, live: &Ruleset, who: &dyn Attribution) -> Vec<
 
 /// A Service port named at the start of an upstream comment or inside one
 /// (`ns/name:port`, `ns/name:port cluster IP`, `masquerade traffic for ns/name:port ...`).
-pub fn service_in_comment(comment: &str) -> Option<String> {
+pub(crate) fn service_in_comment(comment: &str) -> Option<String> {
     comment
         .split_whitespace()
         .map(|w| w.trim_matches('"'))

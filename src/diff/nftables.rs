@@ -13,7 +13,7 @@ use super::{service_in_comment, Attribution, ChainDump, Ruleset, SetDump};
 /// Why a listing could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("nft listing, line {line}: {what}: {text:?}")]
-pub struct ParseError {
+pub(crate) struct ParseError {
     /// 1-based line.
     pub line: usize,
     /// What is wrong.
@@ -84,7 +84,7 @@ fn brace_balance(s: &str) -> i32 {
 }
 
 /// Parses the listing of one or more tables.
-pub fn parse_list(text: &str) -> Result<Ruleset, ParseError> {
+pub(crate) fn parse_list(text: &str) -> Result<Ruleset, ParseError> {
     let mut out = Ruleset::default();
     let mut block = Block::None;
     let mut lines = text.lines().enumerate();
@@ -249,13 +249,13 @@ fn service_of_text(text: &str) -> Option<String> {
 /// Attribution for nftables: chain names carry their Service port; elements carry it in
 /// their comment or verdict, else (plain ClusterIPs) through the Service IP maps.
 #[derive(Debug, Default)]
-pub struct Owners {
+pub(crate) struct Owners {
     ips: BTreeMap<String, String>,
 }
 
 impl Owners {
     /// Learns which Service port each Service IP belongs to.
-    pub fn learn(sets: &[&Ruleset]) -> Owners {
+    pub(crate) fn learn(sets: &[&Ruleset]) -> Owners {
         let mut ips = BTreeMap::new();
         for rs in sets {
             for ((_, name), s) in &rs.sets {

@@ -6,11 +6,11 @@ use std::fmt::Write;
 use super::{Difference, Kind, Object, Ruleset};
 
 /// Heading for differences that belong to no single Service port.
-pub const SHARED: &str = "(shared rules)";
+pub(crate) const SHARED: &str = "(shared rules)";
 
 /// Counts by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// kproxy would write it; not live.
     pub missing: usize,
     /// Live only.
@@ -23,13 +23,13 @@ pub struct Summary {
 
 impl Summary {
     /// Every difference.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.missing + self.extra + self.different
     }
 }
 
 /// Counts `diffs`.
-pub fn summarize(diffs: &[Difference]) -> Summary {
+pub(crate) fn summarize(diffs: &[Difference]) -> Summary {
     let mut s = Summary::default();
     let mut services = std::collections::BTreeSet::new();
     for d in diffs {
@@ -101,7 +101,7 @@ pub fn render(diffs: &[Difference], desired: &Ruleset, live: &Ruleset) -> String
 }
 
 /// `same: ...` or `different: ...`, one line.
-pub fn summary_line(diffs: &[Difference], desired: &Ruleset, live: &Ruleset) -> String {
+pub(crate) fn summary_line(diffs: &[Difference], desired: &Ruleset, live: &Ruleset) -> String {
     let (chains, rules, elements) = desired.counts();
     let (lchains, lrules, lelements) = live.counts();
     if diffs.is_empty() {

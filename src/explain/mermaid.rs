@@ -24,7 +24,7 @@ fn mark(masquerade: bool) -> String {
 }
 
 /// The flowchart.
-pub fn flowchart(e: &Explanation) -> String {
+pub(crate) fn flowchart(e: &Explanation) -> String {
     let mut out = String::from("flowchart LR\n");
     out.push_str(
         "  pod([\"pod\"])\n  node([\"process on the node\"])\n  outside([\"outside client\"])\n",

@@ -21,7 +21,7 @@ use crate::model::PortPlan;
 use crate::model::{join_host_port, ClusterState, Endpoint, NodeContext, ProxyState};
 
 /// The JSON schema identifier of [`Explanation`].
-pub const EXPLAIN_SCHEMA: &str = "https://kproxy.dev/schema/explain.v1.json";
+pub(crate) const EXPLAIN_SCHEMA: &str = "https://kproxy.dev/schema/explain.v1.json";
 
 /// Every explained Service port of one family.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ pub struct Explanation {
     /// `IPv4` or `IPv6`.
     pub family: String,
     /// How pods are told apart from other sources.
-    pub local_detector: String,
+    pub(crate) local_detector: String,
     /// `masqueradeAll`.
     pub masquerade_all: bool,
     /// One entry per Service port.
@@ -97,7 +97,7 @@ pub struct FrontendView {
     /// `IP:port` (`*:port` for a NodePort on every node address).
     pub address: String,
     /// `VIP` or `Proxy` for load-balancer IPs.
-    pub ip_mode: Option<String>,
+    pub(crate) ip_mode: Option<String>,
     /// Whether kproxy programs rules for it (ipMode Proxy ones are left to the LB).
     pub programmed: bool,
     /// Traffic from each kind of client.
@@ -155,11 +155,11 @@ pub struct PortView {
     /// `tcp`, `udp`, `sctp`.
     pub protocol: String,
     /// `internalTrafficPolicy`.
-    pub internal_traffic_policy: String,
+    pub(crate) internal_traffic_policy: String,
     /// `externalTrafficPolicy` (externally reachable ports only).
-    pub external_traffic_policy: Option<String>,
+    pub(crate) external_traffic_policy: Option<String>,
     /// Session affinity timeout in seconds (ClientIP affinity), if set.
-    pub session_affinity_seconds: Option<u32>,
+    pub(crate) session_affinity_seconds: Option<u32>,
     /// loadBalancerSourceRanges.
     pub source_ranges: Vec<String>,
     /// healthCheckNodePort (ETP Local), if any.
@@ -169,7 +169,7 @@ pub struct PortView {
     /// Every endpoint the slices list.
     pub endpoints: Vec<EndpointView>,
     /// Short notes (topology mode, fallbacks).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// Rule objects.
     pub rules: RuleNames,
 }
@@ -230,7 +230,7 @@ pub struct ServiceFilter {
 
 impl ServiceFilter {
     /// Parses `NAMESPACE/NAME[:PORT]`.
-    pub fn parse(s: &str) -> Option<ServiceFilter> {
+    pub(crate) fn parse(s: &str) -> Option<ServiceFilter> {
         let (ns, rest) = s.split_once('/')?;
         let (name, port) = match rest.split_once(':') {
             Some((n, p)) => (n, Some(p.to_string())),
@@ -252,7 +252,7 @@ impl ServiceFilter {
     }
 
     /// Whether an explained port is the one asked for.
-    pub fn matches_view(&self, p: &PortView) -> bool {
+    pub(crate) fn matches_view(&self, p: &PortView) -> bool {
         self.matches_parts(&p.namespace, &p.name, &p.port_name, p.port)
     }
 

@@ -5,7 +5,7 @@ use super::{Explanation, PortView};
 use crate::trace::core::percent;
 
 /// The detailed form.
-pub fn detailed(e: &Explanation) -> String {
+pub(crate) fn detailed(e: &Explanation) -> String {
     let mut out = format!(
         "node {}{}, {}; pods are detected by: {}{}\n",
         e.node.name,

@@ -66,7 +66,7 @@ pub trait Exec: Send + Sync {
 
 /// Runs real processes.
 #[derive(Debug, Clone, Default)]
-pub struct RealExec;
+pub(crate) struct RealExec;
 
 impl Exec for RealExec {
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, ApplyError> {
@@ -123,12 +123,12 @@ pub struct Binaries {
     /// Large restores go in pieces (`chunk::split_restore`): on iptables-nft, whose
     /// `--noflush` restore is quadratic in its input. iptables-legacy replaces the
     /// whole table on every restore, so there one restore is cheapest.
-    pub split_large_restores: bool,
+    pub(crate) split_large_restores: bool,
 }
 
 impl Binaries {
     /// Binary names for a family and backend.
-    pub fn new(family: IpFamily, backend: Backend) -> Self {
+    pub(crate) fn new(family: IpFamily, backend: Backend) -> Self {
         let base = match family {
             IpFamily::V4 => "iptables",
             IpFamily::V6 => "ip6tables",
@@ -150,7 +150,7 @@ impl Binaries {
 /// Picks the backend the way kubelet's iptables-wrapper does: the one where kubelet's
 /// (or a kube-proxy's) hint/canary chains already live; else the one with more rules;
 /// else nft. `KPROXY_IPTABLES_BACKEND=nft|legacy` overrides.
-pub fn detect_backend(exec: &dyn Exec) -> Backend {
+pub(crate) fn detect_backend(exec: &dyn Exec) -> Backend {
     match std::env::var("KPROXY_IPTABLES_BACKEND").as_deref() {
         Ok("nft") => return Backend::Nft,
         Ok("legacy") => return Backend::Legacy,
@@ -331,7 +331,7 @@ impl<'e> Iptables<'e> {
     }
 
     /// Whether this family's iptables works at all (upstream: `-S POSTROUTING -t nat`).
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         self.iptables(&["-S", "POSTROUTING", "-t", "nat"])
             .is_ok_and(|o| o.code == 0)
     }

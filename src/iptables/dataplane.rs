@@ -18,25 +18,23 @@ pub(crate) const RESTORE_PIECE_LINES: usize = 10_000;
 
 /// What one sync did.
 #[derive(Debug, Clone)]
-pub struct SyncReport {
+pub(crate) struct SyncReport {
     /// Full or partial.
     pub full: bool,
     /// filter rules written.
-    pub filter_rules: usize,
+    pub(crate) filter_rules: usize,
     /// nat rules written.
-    pub nat_rules: usize,
+    pub(crate) nat_rules: usize,
     /// nat rules owned in total.
-    pub nat_rules_total: usize,
+    pub(crate) nat_rules_total: usize,
     /// Services whose chains were rewritten.
     pub services_written: usize,
     /// Stale chains deleted.
     pub deleted_chains: usize,
-    /// Payload size in bytes.
-    pub payload_bytes: usize,
 }
 
 /// One family's iptables dataplane.
-pub struct IptablesDataplane {
+pub(crate) struct IptablesDataplane {
     renderer: Renderer,
     exec: Box<dyn Exec>,
     bins: Binaries,
@@ -48,7 +46,7 @@ pub struct IptablesDataplane {
 
 impl IptablesDataplane {
     /// A dataplane that has applied nothing yet.
-    pub fn new(
+    pub(crate) fn new(
         settings: FamilySettings,
         exec: Box<dyn Exec>,
         bins: Binaries,
@@ -65,18 +63,17 @@ impl IptablesDataplane {
     }
 
     /// The iptables runner.
-    pub fn iptables(&self) -> Iptables<'_> {
+    pub(crate) fn iptables(&self) -> Iptables<'_> {
         Iptables::new(self.exec.as_ref(), self.bins.clone())
-    }
-
-    /// Whether the next sync must be full.
-    pub fn needs_full_sync(&self) -> bool {
-        self.renderer.needs_full_sync()
     }
 
     /// Renders and applies one sync. On failure nothing is recorded as applied and the
     /// next sync is full.
-    pub fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncReport, ApplyError> {
+    pub(crate) fn sync(
+        &mut self,
+        state: &ProxyState,
+        full: bool,
+    ) -> Result<SyncReport, ApplyError> {
         let full = full || self.renderer.needs_full_sync();
         let ipt = Iptables::new(self.exec.as_ref(), self.bins.clone());
         let result = (|| -> Result<Rendered, ApplyError> {
@@ -135,7 +132,6 @@ impl IptablesDataplane {
                     nat_rules_total: rendered.nat_rules_total,
                     services_written: rendered.services_written,
                     deleted_chains: rendered.deleted_chains.len(),
-                    payload_bytes: rendered.payload.len(),
                 };
                 self.renderer.commit(rendered);
                 self.first = false;

@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 use crate::model::{Endpoint, ServicePortName};
 
 /// Prefixes of per-service chains; a chain with one of these is ours to delete when stale.
-pub const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+pub(crate) const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
     "KUBE-SVC-",
     "KUBE-SVL-",
     "KUBE-SEP-",
@@ -14,12 +14,12 @@ pub const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
 ];
 
 /// Whether `chain` is one of kproxy's (and upstream's) per-service chains.
-pub fn is_service_chain(chain: &str) -> bool {
+pub(crate) fn is_service_chain(chain: &str) -> bool {
     SERVICE_CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p))
 }
 
 /// First 16 characters of the standard base32 encoding of sha256(input).
-pub fn hash16(input: &str) -> String {
+pub(crate) fn hash16(input: &str) -> String {
     let digest = Sha256::digest(input.as_bytes());
     let mut s = base32::encode(base32::Alphabet::Rfc4648 { padding: true }, &digest);
     s.truncate(16);
@@ -28,11 +28,11 @@ pub fn hash16(input: &str) -> String {
 
 /// The per-service-port chain names, which share one hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortChains {
+pub(crate) struct PortChains {
     /// Cluster-policy chain.
     pub svc: String,
     /// Local-policy chain.
-    pub svl: String,
+    pub(crate) svl: String,
     /// External-destination chain.
     pub ext: String,
     /// Source-range firewall chain.
@@ -41,7 +41,7 @@ pub struct PortChains {
 
 impl PortChains {
     /// Names for a service port.
-    pub fn new(spn: &ServicePortName) -> Self {
+    pub(crate) fn new(spn: &ServicePortName) -> Self {
         let h = hash16(&format!("{spn}{}", spn.protocol.lower()));
         PortChains {
             svc: format!("KUBE-SVC-{h}"),

@@ -216,7 +216,7 @@ fn chain_rank(name: &str) -> (u8, &str) {
 }
 
 /// Sorts parsed tables in place the way upstream's tests do.
-pub fn normalize_tables(tables: &mut [Table]) {
+pub(crate) fn normalize_tables(tables: &mut [Table]) {
     tables.sort_by(|a, b| a.name.cmp(&b.name));
     for t in tables.iter_mut() {
         t.chains
@@ -244,7 +244,7 @@ pub fn normalize_tables(tables: &mut [Table]) {
 }
 
 /// Writes tables back as restore text.
-pub fn serialize(tables: &[Table]) -> String {
+pub(crate) fn serialize(tables: &[Table]) -> String {
     let mut out = String::new();
     for t in tables {
         out.push('*');

@@ -52,11 +52,11 @@ pub struct Rendered {
     /// Whether this is a full sync.
     pub full: bool,
     /// Rule lines in the filter table (metric `iptables_last{table="filter"}`).
-    pub filter_rules: usize,
+    pub(crate) filter_rules: usize,
     /// nat rule lines written, `-X` lines excluded (`iptables_last{table="nat"}`).
-    pub nat_rules: usize,
+    pub(crate) nat_rules: usize,
     /// nat rules owned in total, unchanged services included (`iptables_total{table="nat"}`).
-    pub nat_rules_total: usize,
+    pub(crate) nat_rules_total: usize,
     /// Stale chains this payload deletes.
     pub deleted_chains: Vec<String>,
     /// Whether large-cluster mode (no per-endpoint comments) was on.

@@ -59,7 +59,7 @@ pub fn service(v: Value) -> Result<core::Service, SkipReason> {
 }
 
 /// Decodes an EndpointSlice.
-pub fn endpoint_slice(v: Value) -> Result<discovery::EndpointSlice, SkipReason> {
+pub(crate) fn endpoint_slice(v: Value) -> Result<discovery::EndpointSlice, SkipReason> {
     typed(prune(Kind::EndpointSlice, v))
 }
 
@@ -69,7 +69,7 @@ pub fn node(v: Value) -> Result<core::Node, SkipReason> {
 }
 
 /// Decodes a ServiceCIDR.
-pub fn service_cidr(v: Value) -> Result<networking::ServiceCIDR, SkipReason> {
+pub(crate) fn service_cidr(v: Value) -> Result<networking::ServiceCIDR, SkipReason> {
     typed(prune(Kind::ServiceCidr, v))
 }
 
@@ -102,7 +102,7 @@ fn object<'a>(map: &'a mut Map<String, Value>, key: &str) -> Option<&'a mut Map<
 
 /// Drops what kproxy does not read and fills what the API server always sets but
 /// hand-written snapshots (and upstream's test vectors) may omit.
-pub fn prune(kind: Kind, mut v: Value) -> Value {
+pub(crate) fn prune(kind: Kind, mut v: Value) -> Value {
     let Value::Object(map) = &mut v else {
         return v;
     };

@@ -16,15 +16,15 @@ use super::{
 };
 
 /// Label that hands a Service to another proxy; upstream never sees such Services.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label marking EndpointSlices of headless Services.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub(crate) const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Label linking an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Node label for the zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// EndpointSlice annotation used for network-programming latency.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub(crate) const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Why an object was not turned into model data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,13 +51,8 @@ pub struct Invalid {
 }
 
 impl SkipReason {
-    /// Whether this is a malformed object (warn) rather than one we simply ignore.
-    pub fn is_invalid(&self) -> bool {
-        matches!(self, SkipReason::Invalid(_))
-    }
-
     /// A malformed object of category `reason`.
-    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
         SkipReason::Invalid(Invalid {
             reason,
             message: message.into(),
@@ -111,7 +106,7 @@ fn opt_port_u16(v: Option<i32>, what: &str) -> Result<u16, SkipReason> {
 }
 
 /// Converts a Service. Headless, ExternalName and other proxies' Services are `Ignored`.
-pub fn service(svc: &core::Service) -> Result<Service, SkipReason> {
+pub(crate) fn service(svc: &core::Service) -> Result<Service, SkipReason> {
     let key = key_of(&svc.metadata);
     check_key(&key, validate::dns1035_label)?;
     if svc
@@ -327,7 +322,9 @@ fn check_service_enums(spec: &core::ServiceSpec) -> Result<(), SkipReason> {
 }
 
 /// Converts an EndpointSlice. FQDN and headless slices are `Ignored`.
-pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, SkipReason> {
+pub(crate) fn endpoint_slice(
+    slice: &discovery::EndpointSlice,
+) -> Result<EndpointSlice, SkipReason> {
     let key = key_of(&slice.metadata);
     check_key(&key, validate::dns1123_subdomain)?;
     let labels = slice.metadata.labels.as_ref();
@@ -427,7 +424,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
 }
 
 /// Converts a Node.
-pub fn node(node: &core::Node) -> Result<NodeInfo, SkipReason> {
+pub(crate) fn node(node: &core::Node) -> Result<NodeInfo, SkipReason> {
     let name = node.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
         return Err(invalid("name", "metadata.name is empty"));
@@ -486,7 +483,7 @@ pub fn node(node: &core::Node) -> Result<NodeInfo, SkipReason> {
 }
 
 /// Converts a ServiceCIDR into its CIDRs.
-pub fn service_cidr(
+pub(crate) fn service_cidr(
     sc: &networking::ServiceCIDR,
 ) -> Result<(String, Vec<ipnet::IpNet>), SkipReason> {
     let name = sc.metadata.name.clone().unwrap_or_default();

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 
 /// Parses an IP address, accepting zero-padded IPv4 octets as decimal.
-pub fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
+pub(crate) fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -28,7 +28,7 @@ pub fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
 
 /// Parses a CIDR sloppily (surrounding whitespace trimmed, zero-padded octets and prefix
 /// accepted) and masks off the host bits.
-pub fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
+pub(crate) fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
     let s = s.trim();
     let (addr, len) = s.split_once('/')?;
     let ip = parse_ip_sloppy(addr)?;
@@ -37,15 +37,6 @@ pub fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
     }
     let len: u8 = len.parse().ok()?;
     IpNet::new(ip, len).ok().map(|n| n.trunc())
-}
-
-/// Parses either an address (taken as a host route) or a CIDR.
-pub fn parse_ip_or_cidr(s: &str) -> Option<IpNet> {
-    if s.contains('/') {
-        parse_cidr_sloppy(s)
-    } else {
-        parse_ip_sloppy(s.trim()).map(IpNet::from)
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! [`ClusterState::proxy_state`] derives the per-family view both renderers consume.
 
 pub mod decode;
-pub mod from_k8s;
+pub(crate) mod from_k8s;
 pub mod ip;
 mod port_flags;
 pub mod select;
@@ -18,9 +18,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-pub use port_flags::PortFlags;
-pub use select::Selection;
-pub use state::{group_by_service, ClusterState, NodeContext, PortPlan, ProxyState};
+pub(crate) use port_flags::PortFlags;
+pub(crate) use state::{group_by_service, PortPlan};
+pub use state::{ClusterState, NodeContext, ProxyState};
 
 /// An IP family; each family gets its own proxier, as upstream's meta-proxier does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,7 +114,7 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     /// Builds a key.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub(crate) fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -162,7 +162,7 @@ impl fmt::Display for ServicePortName {
 /// compares the raw field when deciding whether a ClusterIP service with externalIPs is
 /// "externally accessible".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceType {
+pub(crate) enum ServiceType {
     /// No type field (only seen in hand-written input; the API server defaults it).
     Unset,
     /// ClusterIP.
@@ -192,28 +192,28 @@ pub struct Service {
     /// Namespace and name.
     pub key: ObjectKey,
     /// `spec.type`.
-    pub service_type: ServiceType,
+    pub(crate) service_type: ServiceType,
     /// Cluster IPs, at most one per family, in `spec.clusterIPs` order.
-    pub cluster_ips: Vec<IpAddr>,
+    pub(crate) cluster_ips: Vec<IpAddr>,
     /// `spec.externalIPs` that parsed.
     pub external_ips: Vec<IpAddr>,
     /// Load-balancer ingress IPs, minus `ipMode: Proxy` entries.
     pub lb_ips: Vec<IpAddr>,
     /// Load-balancer ingress IPs with `ipMode: Proxy` (used only when the
     /// LoadBalancerIPMode gate is off).
-    pub lb_proxy_ips: Vec<IpAddr>,
+    pub(crate) lb_proxy_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` that parsed, canonical.
     pub source_ranges: Vec<IpNet>,
     /// externalTrafficPolicy Local on an externally accessible service.
-    pub external_policy_local: bool,
+    pub(crate) external_policy_local: bool,
     /// internalTrafficPolicy Local.
-    pub internal_policy_local: bool,
+    pub(crate) internal_policy_local: bool,
     /// Health-check node port (LoadBalancer with eTP=Local only), 0 when none.
     pub health_check_node_port: u16,
     /// ClientIP session affinity timeout in seconds, `None` without affinity.
     pub affinity_timeout: Option<u32>,
     /// `spec.trafficDistribution`, informational (selection uses the slices' hints).
-    pub traffic_distribution: Option<String>,
+    pub(crate) traffic_distribution: Option<String>,
     /// Ports, in spec order.
     pub ports: Vec<PortSpec>,
 }
@@ -279,13 +279,13 @@ pub struct NodeInfo {
     /// spec.podCIDRs.
     pub pod_cidrs: Vec<IpNet>,
     /// Being deleted, or tainted ToBeDeletedByClusterAutoscaler (health: not eligible).
-    pub being_deleted: bool,
+    pub(crate) being_deleted: bool,
 }
 
 impl NodeInfo {
     /// The node's primary IP of a family, chosen as upstream does: first InternalIP,
     /// else first ExternalIP of that family.
-    pub fn primary_ip(&self, family: IpFamily) -> Option<IpAddr> {
+    pub(crate) fn primary_ip(&self, family: IpFamily) -> Option<IpAddr> {
         self.internal_ips
             .iter()
             .chain(self.external_ips.iter())
@@ -317,13 +317,13 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// `ip:port`, or `[ip]:port` for IPv6: the string upstream hashes, sorts and prints.
-    pub fn addr_string(&self) -> String {
+    pub(crate) fn addr_string(&self) -> String {
         join_host_port(&self.ip, self.port)
     }
 }
 
 /// Go's `net.JoinHostPort` for an IP.
-pub fn join_host_port(ip: &IpAddr, port: u16) -> String {
+pub(crate) fn join_host_port(ip: &IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
@@ -348,9 +348,9 @@ pub struct ServicePort {
     /// Source ranges of this family.
     pub source_ranges: Vec<IpNet>,
     /// externalTrafficPolicy Local (and externally accessible by type).
-    pub external_policy_local: bool,
+    pub(crate) external_policy_local: bool,
     /// internalTrafficPolicy Local.
-    pub internal_policy_local: bool,
+    pub(crate) internal_policy_local: bool,
     /// Health-check node port, 0 when none.
     pub health_check_node_port: u16,
     /// ClientIP affinity timeout in seconds.
@@ -359,17 +359,17 @@ pub struct ServicePort {
 
 impl ServicePort {
     /// Reachable from outside the cluster network: NodePort, LB VIP or external IP.
-    pub fn externally_accessible(&self) -> bool {
+    pub(crate) fn externally_accessible(&self) -> bool {
         self.node_port != 0 || !self.lb_ips.is_empty() || !self.external_ips.is_empty()
     }
 
     /// Whether cluster-policy endpoints are needed.
-    pub fn uses_cluster_endpoints(&self) -> bool {
+    pub(crate) fn uses_cluster_endpoints(&self) -> bool {
         !self.internal_policy_local || self.externally_accessible()
     }
 
     /// Whether local-policy endpoints are needed.
-    pub fn uses_local_endpoints(&self) -> bool {
+    pub(crate) fn uses_local_endpoints(&self) -> bool {
         self.internal_policy_local || (self.external_policy_local && self.externally_accessible())
     }
 }

@@ -6,29 +6,29 @@ use super::PortPlan;
 
 /// Which chains and map entries a service port gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortFlags {
+pub(crate) struct PortFlags {
     /// Some endpoint can serve it (ready, or serving-terminating as a fallback).
-    pub has_endpoints: bool,
+    pub(crate) has_endpoints: bool,
     /// Internal (ClusterIP) traffic has an endpoint under internalTrafficPolicy.
-    pub has_internal: bool,
+    pub(crate) has_internal: bool,
     /// External traffic has an endpoint under externalTrafficPolicy.
-    pub has_external: bool,
+    pub(crate) has_external: bool,
     /// The cluster-policy chain (service chain) is needed.
-    pub uses_cluster_chain: bool,
+    pub(crate) uses_cluster_chain: bool,
     /// The local-policy chain is needed.
-    pub uses_local_chain: bool,
+    pub(crate) uses_local_chain: bool,
     /// The external chain is needed (NodePort, external or load-balancer IPs).
-    pub uses_ext: bool,
+    pub(crate) uses_ext: bool,
     /// The firewall chain is needed: load-balancer IPs with source ranges. This is
     /// upstream nftables' rule, which keeps filtering sources even while the Service
     /// has no endpoints; upstream iptables skips the chain then (see
     /// [`PortFlags::for_iptables`]). The two renderers differ here as upstream's do.
-    pub uses_fw: bool,
+    pub(crate) uses_fw: bool,
 }
 
 impl PortFlags {
     /// The flags of one port plan (nftables' reading of `uses_fw`).
-    pub fn of(port: &PortPlan) -> PortFlags {
+    pub(crate) fn of(port: &PortPlan) -> PortFlags {
         let svc = &port.svc;
         let sel = &port.selection;
         let has_endpoints = sel.has_any;
@@ -46,7 +46,7 @@ impl PortFlags {
 
     /// Upstream iptables' reading: a firewall chain only when there are endpoints
     /// (without them the no-endpoints REJECT in the filter table answers first).
-    pub fn for_iptables(self) -> PortFlags {
+    pub(crate) fn for_iptables(self) -> PortFlags {
         PortFlags {
             uses_fw: self.uses_fw && self.has_endpoints,
             ..self

@@ -11,20 +11,20 @@ use super::{Endpoint, ServicePort};
 /// The outcome of endpoint selection for one service port; lists hold indices into the
 /// port's sorted endpoint list, in that order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Selection {
+pub(crate) struct Selection {
     /// Endpoints for cluster-policy traffic.
     pub cluster: Vec<usize>,
     /// Endpoints for local-policy traffic.
     pub local: Vec<usize>,
     /// Every endpoint some traffic can reach (endpoint chains are written for these).
-    pub all_reachable: Vec<usize>,
+    pub(crate) all_reachable: Vec<usize>,
     /// Whether any usable endpoint exists anywhere.
-    pub has_any: bool,
+    pub(crate) has_any: bool,
 }
 
 /// Topology inputs: this node's name and zone, and the PreferSameTrafficDistribution gate.
 #[derive(Debug, Clone, Default)]
-pub struct Topology<'a> {
+pub(crate) struct Topology<'a> {
     /// This node's name.
     pub node_name: &'a str,
     /// This node's `topology.kubernetes.io/zone` label.
@@ -94,7 +94,11 @@ fn indices(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<usiz
 }
 
 /// Selects endpoints for one service port. `endpoints` must be sorted by address string.
-pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], topo: &Topology<'_>) -> Selection {
+pub(crate) fn categorize(
+    svc: &ServicePort,
+    endpoints: &[Endpoint],
+    topo: &Topology<'_>,
+) -> Selection {
     let mut sel = Selection::default();
     if endpoints.is_empty() {
         return sel;

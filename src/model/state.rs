@@ -72,27 +72,17 @@ pub struct PortPlan {
     /// Its endpoints, sorted by address string (upstream's order).
     pub endpoints: Vec<Endpoint>,
     /// Which endpoints serve which traffic.
-    pub selection: Selection,
+    pub(crate) selection: Selection,
 }
 
 impl PortPlan {
     /// The Service this port belongs to.
-    pub fn service_key(&self) -> ObjectKey {
+    pub(crate) fn service_key(&self) -> ObjectKey {
         ObjectKey::new(&self.svc.name.namespace, &self.svc.name.name)
     }
 
-    /// Endpoints for cluster-policy traffic.
-    pub fn cluster_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.selection.cluster.iter().map(|&i| &self.endpoints[i])
-    }
-
-    /// Endpoints for local-policy traffic.
-    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.selection.local.iter().map(|&i| &self.endpoints[i])
-    }
-
     /// Every endpoint some traffic can reach.
-    pub fn reachable_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+    pub(crate) fn reachable_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.selection
             .all_reachable
             .iter()
@@ -114,7 +104,7 @@ pub struct ProxyState {
 }
 
 /// Sorted ports grouped by Service.
-pub fn group_by_service(ports: &[Arc<PortPlan>]) -> impl Iterator<Item = &[Arc<PortPlan>]> {
+pub(crate) fn group_by_service(ports: &[Arc<PortPlan>]) -> impl Iterator<Item = &[Arc<PortPlan>]> {
     ports.chunk_by(|a, b| {
         a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
     })
@@ -129,7 +119,7 @@ impl ProxyState {
 
     /// Service ports with a Local traffic policy whose endpoints are all on other
     /// nodes, as `(internal, external)` (upstream's `no_local_endpoints_total` gauges).
-    pub fn no_local_endpoints(&self) -> (usize, usize) {
+    pub(crate) fn no_local_endpoints(&self) -> (usize, usize) {
         let mut internal = 0;
         let mut external = 0;
         for p in &self.ports {
@@ -143,7 +133,7 @@ impl ProxyState {
     }
 
     /// The ports grouped by Service, in order (syncs rewrite whole Services).
-    pub fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
+    pub(crate) fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
         group_by_service(&self.ports)
     }
 }
@@ -186,7 +176,7 @@ impl ClusterState {
 
     /// Adds or replaces a Service. A Service that is ignored or invalid is removed from
     /// the state (its old version no longer describes the cluster) and the reason returned.
-    pub fn upsert_service(&mut self, svc: &core::Service) -> Result<(), SkipReason> {
+    pub(crate) fn upsert_service(&mut self, svc: &core::Service) -> Result<(), SkipReason> {
         match from_k8s::service(svc) {
             Ok(s) => {
                 self.insert_service(s);
@@ -218,7 +208,10 @@ impl ClusterState {
     }
 
     /// Adds or replaces an EndpointSlice.
-    pub fn upsert_slice(&mut self, slice: &discovery::EndpointSlice) -> Result<(), SkipReason> {
+    pub(crate) fn upsert_slice(
+        &mut self,
+        slice: &discovery::EndpointSlice,
+    ) -> Result<(), SkipReason> {
         let key = ObjectKey::new(
             slice.metadata.namespace.clone().unwrap_or_default(),
             slice.metadata.name.clone().unwrap_or_default(),
@@ -271,12 +264,12 @@ impl ClusterState {
     }
 
     /// Sets converted node information (or clears it).
-    pub fn set_node_info(&mut self, node: Option<NodeInfo>) {
+    pub(crate) fn set_node_info(&mut self, node: Option<NodeInfo>) {
         self.node = node;
     }
 
     /// Forgets this node's Node object.
-    pub fn clear_node(&mut self) {
+    pub(crate) fn clear_node(&mut self) {
         self.node = None;
     }
 
@@ -286,56 +279,41 @@ impl ClusterState {
     }
 
     /// Adds or replaces a ServiceCIDR.
-    pub fn upsert_service_cidr(&mut self, sc: &networking::ServiceCIDR) -> Result<(), SkipReason> {
+    pub(crate) fn upsert_service_cidr(
+        &mut self,
+        sc: &networking::ServiceCIDR,
+    ) -> Result<(), SkipReason> {
         let (name, cidrs) = from_k8s::service_cidr(sc)?;
         self.service_cidrs.insert(name, cidrs);
         Ok(())
     }
 
     /// Removes a ServiceCIDR.
-    pub fn remove_service_cidr(&mut self, name: &str) -> bool {
+    pub(crate) fn remove_service_cidr(&mut self, name: &str) -> bool {
         self.service_cidrs.remove(name).is_some()
-    }
-
-    /// Drops all Services (before a relist replaces them).
-    pub fn clear_services(&mut self) {
-        self.services.clear();
-        self.forget_all();
-    }
-
-    /// Drops all EndpointSlices (before a relist replaces them).
-    pub fn clear_slices(&mut self) {
-        self.slices.clear();
-        self.slice_owner.clear();
-        self.forget_all();
-    }
-
-    /// Drops all ServiceCIDRs (before a relist replaces them).
-    pub fn clear_service_cidrs(&mut self) {
-        self.service_cidrs.clear();
     }
 
     /// Replaces all Services with those of `listed` (a relist staged in its own,
     /// already converted state, so full API objects are never buffered).
-    pub fn adopt_services(&mut self, listed: ClusterState) {
+    pub(crate) fn adopt_services(&mut self, listed: ClusterState) {
         self.services = listed.services;
         self.forget_all();
     }
 
     /// Replaces all EndpointSlices with those of `listed`.
-    pub fn adopt_slices(&mut self, listed: ClusterState) {
+    pub(crate) fn adopt_slices(&mut self, listed: ClusterState) {
         self.slices = listed.slices;
         self.slice_owner = listed.slice_owner;
         self.forget_all();
     }
 
     /// Replaces the Node with that of `listed` (none if it was not listed).
-    pub fn adopt_node(&mut self, listed: ClusterState) {
+    pub(crate) fn adopt_node(&mut self, listed: ClusterState) {
         self.node = listed.node;
     }
 
     /// Replaces all ServiceCIDRs with those of `listed`.
-    pub fn adopt_service_cidrs(&mut self, listed: ClusterState) {
+    pub(crate) fn adopt_service_cidrs(&mut self, listed: ClusterState) {
         self.service_cidrs = listed.service_cidrs;
     }
 

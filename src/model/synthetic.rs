@@ -7,7 +7,7 @@ use super::{
 };
 
 /// The endpoint address of endpoint `j` of service `i`.
-pub fn endpoint_ip(i: usize, j: usize, per: usize) -> std::net::IpAddr {
+pub(crate) fn endpoint_ip(i: usize, j: usize, per: usize) -> std::net::IpAddr {
     let n = i * per + j;
     std::net::IpAddr::from([
         10,

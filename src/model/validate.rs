@@ -10,13 +10,13 @@
 use std::fmt::Write as _;
 
 /// Longest DNS-1123 / DNS-1035 label.
-pub const LABEL_MAX: usize = 63;
+pub(crate) const LABEL_MAX: usize = 63;
 /// Longest DNS-1123 subdomain.
-pub const SUBDOMAIN_MAX: usize = 253;
+pub(crate) const SUBDOMAIN_MAX: usize = 253;
 /// Longest IANA service name (port name).
-pub const PORT_NAME_MAX: usize = 15;
+pub(crate) const PORT_NAME_MAX: usize = 15;
 /// Longest ClientIP affinity timeout the API server accepts (one day).
-pub const AFFINITY_TIMEOUT_MAX: i32 = 86_400;
+pub(crate) const AFFINITY_TIMEOUT_MAX: i32 = 86_400;
 
 /// How much of a refused value a message quotes: enough to recognise it, never the
 /// whole of a 10 MB string.
@@ -49,7 +49,7 @@ fn label_chars(s: &str) -> bool {
 }
 
 /// A DNS-1123 label (namespaces): at most 63 of `a-z`, `0-9`, `-`, alphanumeric at both ends.
-pub fn dns1123_label(s: &str) -> Result<(), String> {
+pub(crate) fn dns1123_label(s: &str) -> Result<(), String> {
     if s.len() > LABEL_MAX {
         return Err(format!("{} is longer than {LABEL_MAX} bytes", shown(s)));
     }
@@ -63,7 +63,7 @@ pub fn dns1123_label(s: &str) -> Result<(), String> {
 }
 
 /// A DNS-1035 label (Service names): a DNS-1123 label that starts with a letter.
-pub fn dns1035_label(s: &str) -> Result<(), String> {
+pub(crate) fn dns1035_label(s: &str) -> Result<(), String> {
     dns1123_label(s)?;
     if !s.as_bytes().first().is_some_and(u8::is_ascii_lowercase) {
         return Err(format!(
@@ -76,7 +76,7 @@ pub fn dns1035_label(s: &str) -> Result<(), String> {
 
 /// A DNS-1123 subdomain (EndpointSlice, Node and ServiceCIDR names): dot-separated
 /// labels, at most 253 bytes.
-pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
+pub(crate) fn dns1123_subdomain(s: &str) -> Result<(), String> {
     if s.len() > SUBDOMAIN_MAX {
         return Err(format!("{} is longer than {SUBDOMAIN_MAX} bytes", shown(s)));
     }
@@ -118,7 +118,7 @@ pub fn port_name(s: &str) -> Result<(), String> {
 
 /// A label value (the `kubernetes.io/service-name` label, zone names): at most 63 of
 /// alphanumerics, `-`, `_`, `.`, alphanumeric at both ends; empty is allowed.
-pub fn label_value(s: &str) -> Result<(), String> {
+pub(crate) fn label_value(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Ok(());
     }
@@ -149,7 +149,7 @@ pub fn affinity_timeout(t: i32) -> Result<u32, String> {
 }
 
 /// Checks an optional enum field against the values the API server accepts.
-pub fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), String> {
+pub(crate) fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), String> {
     match value {
         None | Some("") => Ok(()),
         Some(v) if allowed.contains(&v) => Ok(()),
@@ -164,7 +164,7 @@ pub fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), 
 /// Re-checks a converted Service before it is derived into ports: a Service inserted
 /// without going through `from_k8s` (tests, generators, future callers) must not reach
 /// a renderer with a name that is unsafe in its output either.
-pub fn renderable(svc: &super::Service) -> Result<(), String> {
+pub(crate) fn renderable(svc: &super::Service) -> Result<(), String> {
     dns1123_label(&svc.key.namespace).map_err(|m| format!("namespace {m}"))?;
     dns1035_label(&svc.key.name).map_err(|m| format!("name {m}"))?;
     for p in &svc.ports {

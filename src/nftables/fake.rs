@@ -56,8 +56,9 @@ impl Fake {
         self.exists
     }
 
+    #[cfg(test)]
     /// Names of existing chains.
-    pub fn chain_names(&self) -> Vec<String> {
+    pub(crate) fn chain_names(&self) -> Vec<String> {
         self.chains.keys().cloned().collect()
     }
 
@@ -359,8 +360,9 @@ impl FakeNft {
         self.with(|s| s.applied.clone())
     }
 
+    #[cfg(test)]
     /// Deletes a table behind the dataplane's back (as `nft flush ruleset` would).
-    pub fn remove_table(&self, family: Family, name: &str) {
+    pub(crate) fn remove_table(&self, family: Family, name: &str) {
         self.with(|s| s.tables.remove(&(family.as_str(), name.to_string())));
     }
 }

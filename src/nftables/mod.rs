@@ -18,7 +18,6 @@ use crate::config::FamilySettings;
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::model::ProxyState;
 use dataplane::NftDataplane;
-pub use interface::NftInterface;
 
 /// Operations per batch when a large sync (a cold start, taking over an existing table,
 /// a full resync at scale) is split at the renderer's cut points: large enough to be
@@ -31,7 +30,7 @@ pub const SYNC_BATCH_OPS: usize = 20_000;
 /// network namespace (`kproxy apply --mode nftables`): one [`NftDataplane`] sync per
 /// family, after which the chains it emptied are deleted at once (a one-shot apply
 /// has no later sync to do it).
-pub fn apply_once(families: &[(FamilySettings, ProxyState)]) -> Result<(), DataplaneError> {
+pub(crate) fn apply_once(families: &[(FamilySettings, ProxyState)]) -> Result<(), DataplaneError> {
     for (settings, state) in families {
         let mut dp = NftDataplane::new(settings.clone());
         dp.sync(state, true)?;

@@ -51,7 +51,7 @@ pub fn endpoint_base(spn: &ServicePortName, ep: &Endpoint) -> String {
 }
 
 /// Whether a chain is a per-service one (fixed chains never contain `/`).
-pub fn is_service_chain(name: &str) -> bool {
+pub(crate) fn is_service_chain(name: &str) -> bool {
     name.contains('/')
 }
 

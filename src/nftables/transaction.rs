@@ -70,7 +70,7 @@ pub enum Hook {
 
 impl Hook {
     /// nft spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Hook::Prerouting => "prerouting",
             Hook::Input => "input",
@@ -81,7 +81,7 @@ impl Hook {
     }
 
     /// NF_INET_* hook number.
-    pub fn number(self) -> u32 {
+    pub(crate) fn number(self) -> u32 {
         match self {
             Hook::Prerouting => 0,
             Hook::Input => 1,
@@ -137,7 +137,7 @@ pub enum DataType {
 
 impl DataType {
     /// nft spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DataType::Ipv4Addr => "ipv4_addr",
             DataType::Ipv6Addr => "ipv6_addr",
@@ -151,7 +151,7 @@ impl DataType {
     }
 
     /// The address type of a family.
-    pub fn addr(f: Family) -> DataType {
+    pub(crate) fn addr(f: Family) -> DataType {
         match f {
             Family::Ip => DataType::Ipv4Addr,
             Family::Ip6 => DataType::Ipv6Addr,
@@ -165,7 +165,7 @@ pub struct Set {
     /// Name.
     pub name: String,
     /// A map (has values) rather than a set.
-    pub is_map: bool,
+    pub(crate) is_map: bool,
     /// Key type (a concatenation when longer than one).
     pub key: Vec<DataType>,
     /// Value type for maps.
@@ -191,7 +191,7 @@ pub enum SetFlag {
 
 impl SetFlag {
     /// nft spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SetFlag::Dynamic => "dynamic",
             SetFlag::Timeout => "timeout",
@@ -283,7 +283,7 @@ impl Element {
     }
 
     /// The data value as nft writes it (`10.0.0.1 . 8080`), if any.
-    pub fn data_text(&self) -> Option<String> {
+    pub(crate) fn data_text(&self) -> Option<String> {
         (!self.data.is_empty()).then(|| {
             self.data
                 .iter()

@@ -22,16 +22,16 @@ use super::netns::{self, Netns};
 use super::snapshot::{Endpoint, NodeObject, Snapshot};
 
 /// The node kproxy runs on.
-pub const NODE: &str = "node-1";
+pub(crate) const NODE: &str = "node-1";
 /// The node of remote pods.
-pub const REMOTE_NODE: &str = "node-2";
+pub(crate) const REMOTE_NODE: &str = "node-2";
 /// Port every echo server listens on (TCP and UDP).
-pub const ECHO_PORT: u16 = 8080;
+pub(crate) const ECHO_PORT: u16 = 8080;
 /// Timeout for an exchange that should succeed (connect, then read).
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait before calling traffic dropped. SYNs are retransmitted after 1s, so
 /// this sees two of them.
-pub const DROP_TIMEOUT: Duration = Duration::from_millis(2500);
+pub(crate) const DROP_TIMEOUT: Duration = Duration::from_millis(2500);
 /// Traffic budget of one bed: exchanges after it are not tried, so a broken dataplane
 /// fails a case in bounded time instead of timing out hundreds of connections.
 const CASE_BUDGET: Duration = Duration::from_secs(60);
@@ -60,7 +60,7 @@ const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
 
 /// Which kproxy backend a case runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `--mode iptables`
     Iptables,
     /// `--mode nftables`
@@ -69,7 +69,7 @@ pub enum Mode {
 
 impl Mode {
     /// The `--mode` value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
@@ -79,7 +79,7 @@ impl Mode {
 
 /// Transport of an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
+pub(crate) enum Proto {
     /// TCP
     Tcp,
     /// UDP
@@ -88,7 +88,7 @@ pub enum Proto {
 
 /// Where a client sits.
 #[derive(Debug, Clone, Copy)]
-pub enum From<'a> {
+pub(crate) enum From<'a> {
     /// A pod, using its primary address.
     Pod(&'a str),
     /// A pod, from one of its addresses (see [`BedBuilder::pod_aliases`]).
@@ -102,7 +102,7 @@ pub enum From<'a> {
 }
 
 /// Service VIPs used by the cases (all inside the test namespaces only).
-pub fn service_ip(n: u8, v6: bool) -> IpAddr {
+pub(crate) fn service_ip(n: u8, v6: bool) -> IpAddr {
     if v6 {
         IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, n as u16))
     } else {
@@ -111,12 +111,12 @@ pub fn service_ip(n: u8, v6: bool) -> IpAddr {
 }
 
 /// A LoadBalancer ingress IP, routed to the node by the client.
-pub fn lb_ip(n: u8) -> IpAddr {
+pub(crate) fn lb_ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 168, 70, n))
 }
 
 /// An externalIP, routed to the node by the client.
-pub fn external_ip(n: u8) -> IpAddr {
+pub(crate) fn external_ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 168, 71, n))
 }
 
@@ -131,7 +131,7 @@ struct Pod {
 }
 
 /// Builder for a [`Bed`].
-pub struct BedBuilder {
+pub(crate) struct BedBuilder {
     mode: Mode,
     ipv6: bool,
     local: Vec<String>,
@@ -141,32 +141,32 @@ pub struct BedBuilder {
 
 impl BedBuilder {
     /// Also give every namespace IPv6 addresses and routes.
-    pub fn ipv6(mut self) -> BedBuilder {
+    pub(crate) fn ipv6(mut self) -> BedBuilder {
         self.ipv6 = true;
         self
     }
 
     /// Pods on the kproxy node (10.244.1.10, .11, ... in order).
-    pub fn local_pods(mut self, names: &[&str]) -> BedBuilder {
+    pub(crate) fn local_pods(mut self, names: &[&str]) -> BedBuilder {
         self.local = names.iter().map(|s| s.to_string()).collect();
         self
     }
 
     /// Pods on the second node (10.244.2.10, .11, ...), reached through the first.
-    pub fn remote_pods(mut self, names: &[&str]) -> BedBuilder {
+    pub(crate) fn remote_pods(mut self, names: &[&str]) -> BedBuilder {
         self.remote = names.iter().map(|s| s.to_string()).collect();
         self
     }
 
     /// Gives a pod `count` extra IPv4 addresses (10.244.1.100 + i), to act as many
     /// clients.
-    pub fn pod_aliases(mut self, pod: &str, count: u8) -> BedBuilder {
+    pub(crate) fn pod_aliases(mut self, pod: &str, count: u8) -> BedBuilder {
         self.aliases.push((pod.to_string(), count));
         self
     }
 
     /// Creates the namespaces, links, routes and echo servers.
-    pub fn build(self) -> Bed {
+    pub(crate) fn build(self) -> Bed {
         let stem = netns::unique_stem();
         match Bed::create(&stem, self) {
             Ok(bed) => bed,
@@ -176,7 +176,7 @@ impl BedBuilder {
 }
 
 /// A running simulated cluster; everything is torn down on drop, also on panic.
-pub struct Bed {
+pub(crate) struct Bed {
     stem: String,
     mode: Mode,
     ipv6: bool,
@@ -192,7 +192,7 @@ pub struct Bed {
 
 impl Bed {
     /// Starts describing a bed for `mode`.
-    pub fn builder(mode: Mode) -> BedBuilder {
+    pub(crate) fn builder(mode: Mode) -> BedBuilder {
         BedBuilder {
             mode,
             ipv6: false,
@@ -457,7 +457,7 @@ impl Bed {
     }
 
     /// A pod's address of the family of `v6`.
-    pub fn pod_ip(&self, name: &str, v6: bool) -> IpAddr {
+    pub(crate) fn pod_ip(&self, name: &str, v6: bool) -> IpAddr {
         let p = self.pod(name);
         if v6 {
             match p.v6 {
@@ -470,7 +470,7 @@ impl Bed {
     }
 
     /// A pod's alias addresses.
-    pub fn pod_aliases(&self, name: &str) -> Vec<IpAddr> {
+    pub(crate) fn pod_aliases(&self, name: &str) -> Vec<IpAddr> {
         self.pod(name)
             .aliases
             .iter()
@@ -479,12 +479,12 @@ impl Bed {
     }
 
     /// A ready endpoint for a pod, on the pod's node.
-    pub fn ep(&self, name: &str, v6: bool) -> Endpoint {
+    pub(crate) fn ep(&self, name: &str, v6: bool) -> Endpoint {
         Endpoint::ready(self.pod_ip(name, v6), self.pod(name).node)
     }
 
     /// The node's uplink address (its InternalIP).
-    pub fn node_ip(&self, v6: bool) -> IpAddr {
+    pub(crate) fn node_ip(&self, v6: bool) -> IpAddr {
         if v6 {
             IpAddr::V6(NODE_V6)
         } else {
@@ -493,13 +493,13 @@ impl Bed {
     }
 
     /// The external client's addresses: (inside a /32 source range, outside it).
-    pub fn client_ips(&self) -> (IpAddr, IpAddr) {
+    pub(crate) fn client_ips(&self) -> (IpAddr, IpAddr) {
         (IpAddr::V4(CLIENT_V4), IpAddr::V4(CLIENT2_V4))
     }
 
     /// True if `ip` is one of the node's own addresses: what a pod sees after
     /// masquerading by the node.
-    pub fn is_node_addr(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_node_addr(&self, ip: IpAddr) -> bool {
         let mut own: Vec<IpAddr> = vec![
             IpAddr::V4(NODE_V4),
             IpAddr::V4(LINK_V4[0]),
@@ -513,7 +513,7 @@ impl Bed {
     }
 
     /// This node as a Node object (InternalIPs, zone label, podCIDRs).
-    pub fn node_object(&self) -> NodeObject {
+    pub(crate) fn node_object(&self) -> NodeObject {
         let mut internal_ips = vec![IpAddr::V4(NODE_V4)];
         let mut pod_cidrs = vec!["10.244.1.0/24".to_string()];
         if self.ipv6 {
@@ -529,25 +529,30 @@ impl Bed {
     }
 
     /// An empty snapshot of this cluster.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         Snapshot::new(self.node_object())
     }
 
     /// `kproxy apply` of `snap` inside the node namespace; panics with kproxy's output
     /// when it fails.
-    pub fn apply(&self, snap: &Snapshot) {
+    pub(crate) fn apply(&self, snap: &Snapshot) {
         if let Err(e) = self.try_apply(snap, &[]) {
             panic!("{e}");
         }
     }
 
     /// `kproxy apply` with extra flags; the error carries kproxy's exit status and output.
-    pub fn try_apply(&self, snap: &Snapshot, extra: &[&str]) -> Result<(), String> {
+    pub(crate) fn try_apply(&self, snap: &Snapshot, extra: &[&str]) -> Result<(), String> {
         self.try_apply_in(self.mode, snap, extra)
     }
 
     /// `kproxy apply` in `mode` (which may differ from the bed's, to switch modes).
-    pub fn try_apply_in(&self, mode: Mode, snap: &Snapshot, extra: &[&str]) -> Result<(), String> {
+    pub(crate) fn try_apply_in(
+        &self,
+        mode: Mode,
+        snap: &Snapshot,
+        extra: &[&str],
+    ) -> Result<(), String> {
         let yaml = snap.to_yaml()?;
         let n = self.applies.lock().map(|a| a.len()).unwrap_or(0);
         let dir = std::env::temp_dir();
@@ -608,7 +613,7 @@ impl Bed {
 
     /// Starts `kproxy run` in the node namespace against a fake API server (also in the
     /// node namespace) that holds `snap`'s objects. The daemon stops when the guard drops.
-    pub fn run_daemon(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
+    pub(crate) fn run_daemon(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
         let api = self.node.run_in(crate::fake_apiserver::FakeApi::start)?;
         api.apply_all(&snap.to_yaml()?);
         let dir = std::env::temp_dir();
@@ -642,7 +647,7 @@ impl Bed {
     /// and kubeadm's generated `config.conf` (every field, zeros and nulls), whose
     /// kubeconfig points at a fake API server holding `snap`. Default ports: healthz
     /// 0.0.0.0:10256, metrics 127.0.0.1:10249.
-    pub fn run_kube_proxy(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
+    pub(crate) fn run_kube_proxy(&self, snap: &Snapshot) -> Result<DaemonGuard, String> {
         let api = self.node.run_in(crate::fake_apiserver::FakeApi::start)?;
         api.apply_all(&snap.to_yaml()?);
         let dir = std::env::temp_dir().join(format!("{}-kubeadm", self.stem));
@@ -685,7 +690,12 @@ impl Bed {
     }
 
     /// An HTTP GET from `from` (status, body); `None` when nothing answered.
-    pub fn http_get(&self, from: From<'_>, dst: SocketAddr, path: &str) -> Option<(u16, String)> {
+    pub(crate) fn http_get(
+        &self,
+        from: From<'_>,
+        dst: SocketAddr,
+        path: &str,
+    ) -> Option<(u16, String)> {
         let (ns, _, _) = self.origin(from);
         let path = path.to_string();
         ns.run_in(move || {
@@ -707,7 +717,7 @@ impl Bed {
 
     /// Runs a shell command line inside the node namespace (harness self-checks write
     /// rules by hand this way).
-    pub fn node_sh(&self, script: &str) -> Result<String, String> {
+    pub(crate) fn node_sh(&self, script: &str) -> Result<String, String> {
         self.node.exec("sh", &["-ec", script])
     }
 
@@ -729,7 +739,7 @@ impl Bed {
 
     /// `n` fresh exchanges (new connection or new UDP socket each) from `from` to
     /// `dst`, with `timeout` for each.
-    pub fn exchanges(
+    pub(crate) fn exchanges(
         &self,
         from: From<'_>,
         proto: Proto,
@@ -781,7 +791,12 @@ impl Bed {
 
     /// One exchange expected to be answered; the answer, or a panic saying what was sent
     /// and what came back.
-    pub fn expect_reply(&self, from: From<'_>, proto: Proto, dst: SocketAddr) -> echo::Reply {
+    pub(crate) fn expect_reply(
+        &self,
+        from: From<'_>,
+        proto: Proto,
+        dst: SocketAddr,
+    ) -> echo::Reply {
         let o = self.exchanges(from, proto, dst, 1, ANSWER_TIMEOUT);
         let (_, _, who) = self.origin(from);
         match o.first() {
@@ -795,7 +810,7 @@ impl Bed {
     }
 
     /// One exchange expected to get no answer at all within [`DROP_TIMEOUT`].
-    pub fn expect_dropped(&self, from: From<'_>, proto: Proto, dst: SocketAddr) {
+    pub(crate) fn expect_dropped(&self, from: From<'_>, proto: Proto, dst: SocketAddr) {
         let o = self.exchanges(from, proto, dst, 1, DROP_TIMEOUT);
         let (_, _, who) = self.origin(from);
         match o.first() {
@@ -809,7 +824,7 @@ impl Bed {
     }
 
     /// One exchange expected to be refused (TCP RST or ICMP unreachable).
-    pub fn expect_refused(&self, from: From<'_>, proto: Proto, dst: SocketAddr) {
+    pub(crate) fn expect_refused(&self, from: From<'_>, proto: Proto, dst: SocketAddr) {
         let o = self.exchanges(from, proto, dst, 1, ANSWER_TIMEOUT);
         let (_, _, who) = self.origin(from);
         match o.first() {
@@ -823,7 +838,7 @@ impl Bed {
     }
 
     /// Opens a TCP connection that later exchanges reuse.
-    pub fn tcp_session(&self, from: From<'_>, dst: SocketAddr) -> Session {
+    pub(crate) fn tcp_session(&self, from: From<'_>, dst: SocketAddr) -> Session {
         let (ns, src, who) = self.origin(from);
         let stream = ns.run_in(move || echo::tcp_connect(src, dst, ANSWER_TIMEOUT));
         match stream {
@@ -846,7 +861,7 @@ impl Bed {
 
     /// Opens a UDP "flow": one socket with a fixed source port, so every datagram is
     /// the same conntrack entry.
-    pub fn udp_flow(&self, from: From<'_>, dst: SocketAddr) -> Session {
+    pub(crate) fn udp_flow(&self, from: From<'_>, dst: SocketAddr) -> Session {
         let (ns, src, who) = self.origin(from);
         let sock = ns.run_in(move || echo::udp_socket(src.map(|ip| SocketAddr::new(ip, 0)), dst));
         match sock {
@@ -862,7 +877,7 @@ impl Bed {
     }
 
     /// One exchange on an open session.
-    pub fn session_exchange(&self, s: &mut Session) -> Outcome {
+    pub(crate) fn session_exchange(&self, s: &mut Session) -> Outcome {
         s.seq += 1;
         let msg = format!("again {}", s.seq);
         let o = match &mut s.sock {
@@ -878,7 +893,7 @@ impl Bed {
     }
 
     /// The node's ruleset and conntrack table, for failure reports.
-    pub fn node_state(&self) -> String {
+    pub(crate) fn node_state(&self) -> String {
         let mut out = String::new();
         let mut dump = |title: &str, program: &str, args: &[&str]| {
             out.push_str(&format!("----- {title} (in {})\n", self.node.name()));
@@ -957,7 +972,7 @@ impl Drop for Bed {
 }
 
 /// An open TCP connection or UDP flow.
-pub struct Session {
+pub(crate) struct Session {
     who: String,
     dst: SocketAddr,
     sock: SessionSock,
@@ -971,7 +986,7 @@ enum SessionSock {
 
 /// Counts outcomes by answering server (failures as `<refused>`, `<timed out>`, ...).
 /// A running `kproxy run`; killed on drop.
-pub struct DaemonGuard {
+pub(crate) struct DaemonGuard {
     child: std::process::Child,
     log: std::path::PathBuf,
     kubeconfig: std::path::PathBuf,
@@ -980,12 +995,12 @@ pub struct DaemonGuard {
 
 impl DaemonGuard {
     /// The daemon's process id (`ip netns exec` execs the program in place).
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// What the daemon logged so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -1002,7 +1017,7 @@ impl Drop for DaemonGuard {
     }
 }
 
-pub fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+pub(crate) fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for o in outcomes {
         *m.entry(o.label()).or_insert(0) += 1;
@@ -1011,6 +1026,6 @@ pub fn tally(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
 }
 
 /// `ip:port` of a service port.
-pub fn addr(ip: IpAddr, port: u16) -> SocketAddr {
+pub(crate) fn addr(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }

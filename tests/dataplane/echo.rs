@@ -23,16 +23,16 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// What a server said.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// The answering server's (pod's) name.
-    pub server: String,
+    pub(crate) server: String,
     /// The client address the server saw.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
 }
 
 /// The result of one exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A server answered.
     Reply(Reply),
     /// The connection (or datagram) was refused: TCP RST or ICMP unreachable.
@@ -45,7 +45,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The reply, if a server answered.
-    pub fn reply(&self) -> Option<&Reply> {
+    pub(crate) fn reply(&self) -> Option<&Reply> {
         match self {
             Outcome::Reply(r) => Some(r),
             _ => None,
@@ -53,7 +53,7 @@ impl Outcome {
     }
 
     /// The answering server, or a bracketed word for failures (for tallies).
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Outcome::Reply(r) => r.server.clone(),
             Outcome::Refused => "<refused>".into(),
@@ -104,7 +104,7 @@ fn answer(name: &str, peer: SocketAddr) -> String {
 }
 
 /// A running echo server (TCP and UDP on one port, both families) inside a namespace.
-pub struct EchoServer {
+pub(crate) struct EchoServer {
     stop: Arc<AtomicBool>,
     main: Option<JoinHandle<Option<()>>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -112,7 +112,7 @@ pub struct EchoServer {
 
 impl EchoServer {
     /// Starts the server in `ns` and returns once it listens.
-    pub fn start(ns: &Netns, name: &str, port: u16) -> Result<EchoServer, String> {
+    pub(crate) fn start(ns: &Netns, name: &str, port: u16) -> Result<EchoServer, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -149,7 +149,7 @@ impl EchoServer {
     }
 
     /// Stops every thread of the server (idempotent).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.main.take() {
             let _ = h.join();
@@ -284,7 +284,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 /// A TCP connection from an optional source address, with a connect timeout.
 /// std cannot bind before connecting, hence the raw socket calls.
-pub fn tcp_connect(
+pub(crate) fn tcp_connect(
     src: Option<IpAddr>,
     dst: SocketAddr,
     timeout: Duration,
@@ -364,7 +364,7 @@ pub fn tcp_connect(
 }
 
 /// One request/answer on an open TCP connection.
-pub fn tcp_exchange_on(stream: &mut TcpStream, msg: &str, timeout: Duration) -> Outcome {
+pub(crate) fn tcp_exchange_on(stream: &mut TcpStream, msg: &str, timeout: Duration) -> Outcome {
     if let Err(e) = stream
         .set_read_timeout(Some(timeout))
         .and_then(|_| stream.set_write_timeout(Some(timeout)))
@@ -394,7 +394,12 @@ pub fn tcp_exchange_on(stream: &mut TcpStream, msg: &str, timeout: Duration) -> 
 }
 
 /// Connect, one exchange, close.
-pub fn tcp_once(src: Option<IpAddr>, dst: SocketAddr, msg: &str, timeout: Duration) -> Outcome {
+pub(crate) fn tcp_once(
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    msg: &str,
+    timeout: Duration,
+) -> Outcome {
     match tcp_connect(src, dst, timeout) {
         Ok(mut s) => tcp_exchange_on(&mut s, msg, timeout),
         Err(e) => Outcome::from_io(&e),
@@ -402,7 +407,7 @@ pub fn tcp_once(src: Option<IpAddr>, dst: SocketAddr, msg: &str, timeout: Durati
 }
 
 /// A connected UDP socket from `src` (address and port may be unspecified/0).
-pub fn udp_socket(src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn udp_socket(src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<UdpSocket> {
     let src = src.unwrap_or_else(|| {
         let any: IpAddr = if dst.is_ipv4() {
             IpAddr::from([0u8; 4])
@@ -418,7 +423,7 @@ pub fn udp_socket(src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<UdpSoc
 }
 
 /// One datagram and its answer on a connected UDP socket.
-pub fn udp_exchange_on(sock: &UdpSocket, msg: &str, timeout: Duration) -> Outcome {
+pub(crate) fn udp_exchange_on(sock: &UdpSocket, msg: &str, timeout: Duration) -> Outcome {
     if let Err(e) = sock.set_read_timeout(Some(timeout)) {
         return Outcome::from_io(&e);
     }
@@ -433,7 +438,12 @@ pub fn udp_exchange_on(sock: &UdpSocket, msg: &str, timeout: Duration) -> Outcom
 }
 
 /// Fresh socket, one datagram, close.
-pub fn udp_once(src: Option<IpAddr>, dst: SocketAddr, msg: &str, timeout: Duration) -> Outcome {
+pub(crate) fn udp_once(
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    msg: &str,
+    timeout: Duration,
+) -> Outcome {
     match udp_socket(src.map(|ip| SocketAddr::new(ip, 0)), dst) {
         Ok(s) => udp_exchange_on(&s, msg, timeout),
         Err(e) => Outcome::from_io(&e),

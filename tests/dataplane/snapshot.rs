@@ -6,26 +6,26 @@ use std::net::IpAddr;
 use serde_json::{json, Value};
 
 /// Namespace of every test Service.
-pub const NAMESPACE: &str = "dataplane";
+pub(crate) const NAMESPACE: &str = "dataplane";
 
 /// One endpoint of a Service (a pod address plus its conditions).
 #[derive(Debug, Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Pod IP.
-    pub ip: IpAddr,
+    pub(crate) ip: IpAddr,
     /// The node the pod runs on.
-    pub node: String,
+    pub(crate) node: String,
     /// conditions.ready
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// conditions.serving
-    pub serving: bool,
+    pub(crate) serving: bool,
     /// conditions.terminating
-    pub terminating: bool,
+    pub(crate) terminating: bool,
 }
 
 impl Endpoint {
     /// A ready endpoint.
-    pub fn ready(ip: IpAddr, node: &str) -> Endpoint {
+    pub(crate) fn ready(ip: IpAddr, node: &str) -> Endpoint {
         Endpoint {
             ip,
             node: node.to_string(),
@@ -36,7 +36,7 @@ impl Endpoint {
     }
 
     /// Marks the endpoint terminating (not ready) and sets whether it still serves.
-    pub fn terminating(mut self, serving: bool) -> Endpoint {
+    pub(crate) fn terminating(mut self, serving: bool) -> Endpoint {
         self.ready = false;
         self.serving = serving;
         self.terminating = true;
@@ -46,7 +46,7 @@ impl Endpoint {
 
 /// `spec.type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// ClusterIP
     ClusterIp,
     /// NodePort
@@ -58,7 +58,7 @@ pub enum Kind {
 /// A Service with two ports, `tcp` (TCP) and `udp` (UDP), both on `port` and both
 /// targeting the echo port, plus its endpoints (one EndpointSlice).
 #[derive(Debug, Clone)]
-pub struct Service {
+pub(crate) struct Service {
     name: String,
     kind: Kind,
     cluster_ip: IpAddr,
@@ -77,7 +77,7 @@ pub struct Service {
 
 impl Service {
     /// A ClusterIP Service.
-    pub fn new(name: &str, cluster_ip: IpAddr, port: u16, target_port: u16) -> Service {
+    pub(crate) fn new(name: &str, cluster_ip: IpAddr, port: u16, target_port: u16) -> Service {
         Service {
             name: name.to_string(),
             kind: Kind::ClusterIp,
@@ -97,7 +97,7 @@ impl Service {
     }
 
     /// Type NodePort with this nodePort on both ports.
-    pub fn node_port(mut self, node_port: u16) -> Service {
+    pub(crate) fn node_port(mut self, node_port: u16) -> Service {
         if self.kind == Kind::ClusterIp {
             self.kind = Kind::NodePort;
         }
@@ -106,7 +106,7 @@ impl Service {
     }
 
     /// Type LoadBalancer with this nodePort and ingress IP (status.loadBalancer).
-    pub fn load_balancer(mut self, node_port: u16, lb_ip: IpAddr) -> Service {
+    pub(crate) fn load_balancer(mut self, node_port: u16, lb_ip: IpAddr) -> Service {
         self.kind = Kind::LoadBalancer;
         self.node_port = Some(node_port);
         self.lb_ips.push(lb_ip);
@@ -114,43 +114,43 @@ impl Service {
     }
 
     /// Adds an externalIP.
-    pub fn external_ip(mut self, ip: IpAddr) -> Service {
+    pub(crate) fn external_ip(mut self, ip: IpAddr) -> Service {
         self.external_ips.push(ip);
         self
     }
 
     /// Adds a loadBalancerSourceRanges entry.
-    pub fn source_range(mut self, cidr: &str) -> Service {
+    pub(crate) fn source_range(mut self, cidr: &str) -> Service {
         self.source_ranges.push(cidr.to_string());
         self
     }
 
     /// externalTrafficPolicy: Local.
-    pub fn external_local(mut self) -> Service {
+    pub(crate) fn external_local(mut self) -> Service {
         self.etp_local = true;
         self
     }
 
     /// internalTrafficPolicy: Local.
-    pub fn internal_local(mut self) -> Service {
+    pub(crate) fn internal_local(mut self) -> Service {
         self.itp_local = true;
         self
     }
 
     /// sessionAffinity: ClientIP with this timeout.
-    pub fn client_ip_affinity(mut self, seconds: u32) -> Service {
+    pub(crate) fn client_ip_affinity(mut self, seconds: u32) -> Service {
         self.affinity_timeout = Some(seconds);
         self
     }
 
     /// spec.healthCheckNodePort (meaningful for LoadBalancer + eTP=Local).
-    pub fn health_check_node_port(mut self, port: u16) -> Service {
+    pub(crate) fn health_check_node_port(mut self, port: u16) -> Service {
         self.health_check_node_port = Some(port);
         self
     }
 
     /// Sets the endpoints.
-    pub fn endpoints(mut self, eps: Vec<Endpoint>) -> Service {
+    pub(crate) fn endpoints(mut self, eps: Vec<Endpoint>) -> Service {
         self.endpoints = eps;
         self
     }
@@ -261,27 +261,27 @@ impl Service {
 
 /// This node as the API server would show it.
 #[derive(Debug, Clone)]
-pub struct NodeObject {
+pub(crate) struct NodeObject {
     /// metadata.name
-    pub name: String,
+    pub(crate) name: String,
     /// topology.kubernetes.io/zone
-    pub zone: String,
+    pub(crate) zone: String,
     /// InternalIP addresses.
-    pub internal_ips: Vec<IpAddr>,
+    pub(crate) internal_ips: Vec<IpAddr>,
     /// spec.podCIDRs
-    pub pod_cidrs: Vec<String>,
+    pub(crate) pod_cidrs: Vec<String>,
 }
 
 /// A whole snapshot: the node plus Services with their slices.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     node: NodeObject,
     services: Vec<Service>,
 }
 
 impl Snapshot {
     /// An empty cluster around `node`.
-    pub fn new(node: NodeObject) -> Snapshot {
+    pub(crate) fn new(node: NodeObject) -> Snapshot {
         Snapshot {
             node,
             services: Vec::new(),
@@ -289,13 +289,13 @@ impl Snapshot {
     }
 
     /// Adds a Service (and its EndpointSlice).
-    pub fn service(mut self, svc: Service) -> Snapshot {
+    pub(crate) fn service(mut self, svc: Service) -> Snapshot {
         self.services.push(svc);
         self
     }
 
     /// The snapshot as `kubectl get ... -o yaml` List YAML.
-    pub fn to_yaml(&self) -> Result<String, String> {
+    pub(crate) fn to_yaml(&self) -> Result<String, String> {
         let mut addresses: Vec<Value> = self
             .node
             .internal_ips

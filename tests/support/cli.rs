@@ -1,6 +1,7 @@
 //! Running the `kproxy` binary the way a user does, on the demo cluster: shared by the
 //! CLI tests (`explain_cli`, `trace_cli`). Include it with `#[path]` as module `cli`.
-#![allow(dead_code)]
+// Each including crate uses a different part, through a private module.
+#![allow(dead_code, unreachable_pub)]
 
 use std::fs;
 use std::path::PathBuf;

@@ -3,7 +3,8 @@
 //! 127.0.0.1:10249), a handle that kills the daemon when dropped, and what the tests
 //! read back (the rules, the HTTP endpoints). Include it with `#[path]` next to
 //! `netns.rs`, under the module name `daemon`.
-#![allow(dead_code)]
+// Each including crate uses a different part, through a private module.
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -9,7 +9,8 @@
 //! or both) answer with an HTTP error status (500, 410 Gone, 504 …), hang and then drop
 //! the connection (a timeout), or answer only after a delay (a slow server). Raw JSON
 //! objects that do not match the typed API ([`FakeApi::apply_raw`]) test bad objects.
-#![allow(dead_code)]
+// Each including crate uses a different part, through a private module.
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

@@ -5,7 +5,8 @@
 //! Namespaces are named `kpdp-<pid>-<counter>-<role>` (test beds; leftovers of a killed
 //! run are recognised by their dead pid and removed) or `kp-<tag>-<pid>-<counter>`
 //! (single namespaces), so that parallel tests never collide.
-#![allow(dead_code)]
+// Each including crate uses a different part, through a private module.
+#![allow(dead_code, unreachable_pub)]
 
 use std::fs::File;
 use std::io;

@@ -11,7 +11,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::{openmetrics_to_text, serve, serve_with, ExtraHandler, TEXT_CONTENT_TYPE};
+pub use server::{serve, serve_with};
 
 use std::fmt;
 use std::sync::atomic::AtomicU64;
@@ -31,10 +31,10 @@ use crate::model::IpFamily;
 
 /// The `Content-Type` of `/metrics`: `prometheus-client` writes OpenMetrics text (counter
 /// families are declared without `_total`, samples carry it, and the body ends `# EOF`).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upstream's latency buckets (`ExponentialBuckets(0.001, 2, 15)`): 1 ms … 16.384 s.
-pub fn sync_buckets() -> Vec<f64> {
+pub(crate) fn sync_buckets() -> Vec<f64> {
     exponential_buckets(0.001, 2.0, 15).collect()
 }
 
@@ -42,7 +42,7 @@ pub fn sync_buckets() -> Vec<f64> {
 /// `MergeBuckets`, which starts from a zero-filled one-element slice, so the exposed
 /// layout begins with a `0` bucket: 0, 0.25, 0.5, 1…59 (step 1), 60…115 (step 5),
 /// 120…300 (step 30).
-pub fn network_programming_buckets() -> Vec<f64> {
+pub(crate) fn network_programming_buckets() -> Vec<f64> {
     let mut b = vec![0.0, 0.25, 0.5];
     b.extend((1..=59).map(f64::from));
     b.extend((60..=115).step_by(5).map(f64::from));
@@ -339,7 +339,7 @@ impl Metrics {
 
     /// Every sync attempt (success or failure): sync_proxy_rules_duration_seconds, plus
     /// the full or partial histogram.
-    pub fn sync_attempt(&self, family: IpFamily, full: bool, took: Duration) {
+    pub(crate) fn sync_attempt(&self, family: IpFamily, full: bool, took: Duration) {
         let secs = took.as_secs_f64();
         let l = fam(family);
         self.inner.sync_duration.get_or_create(&l).observe(secs);
@@ -352,7 +352,7 @@ impl Metrics {
     }
 
     /// A successful sync: sync_proxy_rules_last_timestamp_seconds = now (unix seconds).
-    pub fn sync_succeeded(&self, family: IpFamily) {
+    pub(crate) fn sync_succeeded(&self, family: IpFamily) {
         self.inner
             .last_timestamp
             .get_or_create(&fam(family))
@@ -380,7 +380,7 @@ impl Metrics {
     /// A failed apply. iptables: iptables_restore_failures_total (`partial` = false) or
     /// iptables_partial_restore_failures_total (`partial` = true); nftables:
     /// nftables_sync_failures_total.
-    pub fn apply_failed(&self, family: IpFamily, mode: Mode, partial: bool) {
+    pub(crate) fn apply_failed(&self, family: IpFamily, mode: Mode, partial: bool) {
         let c = match (mode, partial) {
             (Mode::Iptables, false) => &self.inner.restore_failures,
             (Mode::Iptables, true) => &self.inner.partial_restore_failures,
@@ -396,7 +396,7 @@ impl Metrics {
 
     /// nftables stale-chain clean-up transaction failed:
     /// sync_proxy_rules_nftables_cleanup_failures_total.
-    pub fn nft_cleanup_failed(&self, family: IpFamily) {
+    pub(crate) fn nft_cleanup_failed(&self, family: IpFamily) {
         self.inner
             .nft_cleanup_failures
             .get_or_create(&fam(family))
@@ -405,7 +405,7 @@ impl Metrics {
 
     /// iptables rule counts after a successful sync: iptables_total{table,ip_family} and
     /// iptables_last{table,ip_family}.
-    pub fn iptables_rules(&self, family: IpFamily, table: &str, total: usize, last: usize) {
+    pub(crate) fn iptables_rules(&self, family: IpFamily, table: &str, total: usize, last: usize) {
         let l = TableLabels {
             ip_family: family.label(),
             table: table.to_string(),
@@ -421,7 +421,7 @@ impl Metrics {
     }
 
     /// network_programming_duration_seconds.
-    pub fn network_programming(&self, family: IpFamily, latency: Duration) {
+    pub(crate) fn network_programming(&self, family: IpFamily, latency: Duration) {
         self.inner
             .network_programming
             .get_or_create(&fam(family))
@@ -429,7 +429,7 @@ impl Metrics {
     }
 
     /// endpoint_changes_pending / service_changes_pending gauges.
-    pub fn changes_pending(&self, services: usize, endpoints: usize) {
+    pub(crate) fn changes_pending(&self, services: usize, endpoints: usize) {
         self.inner
             .service_changes_pending
             .set(saturating_i64(services));
@@ -439,7 +439,7 @@ impl Metrics {
     }
 
     /// no_local_endpoints_total{traffic_policy, ip_family} gauges.
-    pub fn no_local_endpoints(&self, family: IpFamily, internal: usize, external: usize) {
+    pub(crate) fn no_local_endpoints(&self, family: IpFamily, internal: usize, external: usize) {
         for (policy, n) in [("internal", internal), ("external", external)] {
             self.inner
                 .no_local_endpoints
@@ -452,7 +452,7 @@ impl Metrics {
     }
 
     /// proxy_healthz_total{code}.
-    pub fn healthz_served(&self, code: u16) {
+    pub(crate) fn healthz_served(&self, code: u16) {
         self.inner
             .healthz
             .get_or_create(&CodeLabels {
@@ -462,7 +462,7 @@ impl Metrics {
     }
 
     /// proxy_livez_total{code}.
-    pub fn livez_served(&self, code: u16) {
+    pub(crate) fn livez_served(&self, code: u16) {
         self.inner
             .livez
             .get_or_create(&CodeLabels {
@@ -473,7 +473,7 @@ impl Metrics {
 
     /// conntrack_reconciler_sync_duration_seconds and
     /// conntrack_reconciler_deleted_entries_total.
-    pub fn conntrack_reconciled(&self, family: IpFamily, took: Duration, deleted: usize) {
+    pub(crate) fn conntrack_reconciled(&self, family: IpFamily, took: Duration, deleted: usize) {
         let l = fam(family);
         self.inner
             .conntrack_duration
@@ -486,7 +486,7 @@ impl Metrics {
     }
 
     /// A malformed object of `kind` was skipped for a reason of category `reason`.
-    pub fn skipped_object(&self, kind: &'static str, reason: &'static str) {
+    pub(crate) fn skipped_object(&self, kind: &'static str, reason: &'static str) {
         self.inner
             .skipped_objects
             .get_or_create(&SkipLabels { kind, reason })
@@ -504,7 +504,7 @@ impl Metrics {
 
     /// Shadow mode: the last comparison found `n` differences (all families), and its
     /// report for `/debug/diff`.
-    pub fn shadow_compared(&self, mode: Mode, n: usize, report: String) {
+    pub(crate) fn shadow_compared(&self, mode: Mode, n: usize, report: String) {
         self.inner
             .shadow_differences
             .get_or_create(&ModeLabels {
@@ -519,7 +519,7 @@ impl Metrics {
     }
 
     /// Sets the `/configz` body (the effective configuration as JSON).
-    pub fn set_configz(&self, body: String) {
+    pub(crate) fn set_configz(&self, body: String) {
         *self
             .inner
             .configz
@@ -528,7 +528,7 @@ impl Metrics {
     }
 
     /// The last shadow comparison's report, if any.
-    pub fn last_diff(&self) -> Option<String> {
+    pub(crate) fn last_diff(&self) -> Option<String> {
         self.inner
             .last_diff
             .lock()

@@ -9,12 +9,12 @@ use crate::config::Mode;
 use crate::daemon::http::{Response, Server};
 
 /// The classic Prometheus text format's content type.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// OpenMetrics text → Prometheus text format 0.0.4: counter families are named with
 /// their `_total` suffix in `# HELP`/`# TYPE` (as upstream exposes them), `# UNIT` and
 /// `# EOF` lines go. Samples are the same in both formats.
-pub fn openmetrics_to_text(om: &str) -> String {
+pub(crate) fn openmetrics_to_text(om: &str) -> String {
     let counters: std::collections::HashSet<&str> = om
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -52,7 +52,7 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, mode: Mode) -> std::io::Result<
 }
 
 /// Extra paths on the metrics address (the debug endpoints): None when not handled.
-pub type ExtraHandler =
+pub(crate) type ExtraHandler =
     Box<dyn Fn(&crate::daemon::http::Request) -> Option<Response> + Send + Sync>;
 
 /// [`serve`], plus the paths `extra` answers.

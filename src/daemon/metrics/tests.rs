@@ -1,6 +1,7 @@
 //! Unit tests of the metrics: names, types, help text and values as upstream exposes
 //! them, and the answers of the metrics address.
 
+use super::server::TEXT_CONTENT_TYPE;
 use super::*;
 use crate::daemon::http::get as http_get;
 
