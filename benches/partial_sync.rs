@@ -5,6 +5,9 @@
 //! partial sync in which K Services each had one endpoint replaced, timed in its parts
 //! (derive the proxy state, render, kernel apply).
 //! Run (root): `cargo bench --bench partial_sync` (N=10000, K=1,10,50,200,1000).
+//! Profiling only the partial syncs: `mkfifo /tmp/ctl; PERF_CTL=/tmp/ctl perf record -g
+//! -D -1 --control fifo:/tmp/ctl -- target/release/deps/partial_sync-…` (the bench
+//! enables perf after the cold sync and disables it at the end).
 
 #[path = "../tests/support/netns.rs"]
 mod netns;
@@ -64,6 +67,12 @@ fn main() {
         }
         r.commit(out.record);
         eprintln!("cold sync of {n} × 10: {:.2} s", t.elapsed().as_secs_f64());
+        let perf = |cmd: &str| {
+            if let Some(ctl) = std::env::var_os("PERF_CTL") {
+                std::fs::write(ctl, format!("{cmd}\n")).unwrap();
+            }
+        };
+        perf("enable");
         let mut rows = Vec::new();
         let mut next = 0usize;
         for (round, &k) in ks.iter().enumerate() {
@@ -98,6 +107,7 @@ fn main() {
             r.commit(out.record);
             rows.push((k, ops, derived, rendered, applied));
         }
+        perf("disable");
         rows
     });
     println!("| changed Services (K) | operations | derive state | render | kernel apply | total |");
