@@ -79,7 +79,8 @@ fn main() {
             for i in 0..k {
                 let svc = format!("svc{}", (next + i) % n);
                 let mut slice = state.slices().find(|s| s.service == svc).cloned().unwrap();
-                slice.endpoints[0].ip = IpAddr::from([10, 200 + round as u8, (i >> 8) as u8, i as u8]);
+                slice.endpoints[0].ip =
+                    IpAddr::from([10, 200 + round as u8, (i >> 8) as u8, i as u8]);
                 state.insert_slice(slice);
             }
             next += k;
@@ -110,7 +111,9 @@ fn main() {
         perf("disable");
         rows
     });
-    println!("| changed Services (K) | operations | derive state | render | kernel apply | total |");
+    println!(
+        "| changed Services (K) | operations | derive state | render | kernel apply | total |"
+    );
     println!("|---|---|---|---|---|---|");
     for (k, ops, d, r, a) in rows {
         let ms = |x: std::time::Duration| x.as_secs_f64() * 1e3;
