@@ -137,7 +137,11 @@ fn typeof_expr(f: Family, t: DataType) -> String {
         DataType::InetProto => "meta l4proto".into(),
         DataType::InetService => "th dport".into(),
         DataType::Integer => "numgen random mod 1".into(),
-        DataType::AddrPort(_) => format!("{} . th dport", field(f, Field::Daddr)),
+        // `th dport` here makes nft 1.0.6 fail ("conflicting protocols specified: ip
+        // vs. th") whenever it reads the map back from the kernel, i.e. on every later
+        // `nft -f` that adds a rule using it; `tcp dport` has the same type
+        // (inet_service) and is only nft's description: UDP and SCTP still map.
+        DataType::AddrPort(_) => format!("{} . tcp dport", field(f, Field::Daddr)),
         DataType::Verdict => "verdict".into(),
     }
 }

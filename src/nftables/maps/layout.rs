@@ -103,6 +103,12 @@ impl LbClass {
     pub(crate) fn backends(self) -> String {
         format!("backends-{}", self.stem())
     }
+
+    /// The verdict map `dest : goto service-…` of session-affinity ports
+    /// (see [`super::affinity`]).
+    pub(crate) fn affinity_map(self) -> String {
+        format!("affinity-{}", self.stem())
+    }
 }
 
 /// The endpoint counts in use, per class: one rule each.
@@ -337,6 +343,22 @@ impl<'a> Layout<'a> {
                 comment: Some("destination . index -> endpoint".into()),
             });
         }
+        for class in LbClass::ALL {
+            let key = if class.is_nodeport() {
+                pp.clone()
+            } else {
+                ipp.clone()
+            };
+            out.push(Set {
+                name: class.affinity_map(),
+                is_map: true,
+                key,
+                value: Some(DataType::Verdict),
+                flags: vec![],
+                timeout: None,
+                comment: Some("session-affinity destinations".into()),
+            });
+        }
         for (class, n) in counts {
             let key = if class.is_nodeport() {
                 pp.clone()
@@ -559,9 +581,20 @@ impl<'a> Layout<'a> {
                 [LbClass::ExtLocalIps, LbClass::Ips]
             };
             for class in classes {
+                let ext_local = matches!(class, LbClass::ExtLocalIps | LbClass::ExtLocalNodePorts);
+                // Session-affinity ports first: their own chains (never in a gate set).
+                let mut e = Vec::new();
+                if ext_local {
+                    e.extend(outside());
+                }
+                e.push(Expr::Vmap {
+                    key: key.clone(),
+                    map: class.affinity_map(),
+                });
+                out.push(r(e));
                 for (_, n) in counts.iter().filter(|(c, _)| *c == class) {
                     let mut e = vec![lookup(key.clone(), &class.gate(*n))];
-                    if matches!(class, LbClass::ExtLocalIps | LbClass::ExtLocalNodePorts) {
+                    if ext_local {
                         e.extend(outside());
                     }
                     e.push(Expr::DnatMap {
