@@ -1,0 +1,209 @@
+//! A packet tracer over a `kube-proxy` nftables table, read from any of: kproxy's
+//! dry-run `add …` lines (`nft -f` syntax), the kernel's block listing (`nft list
+//! table` / `nft list ruleset`), or `nft -j` JSON (see [`super::nft_json`]).
+//!
+//! It follows upstream kube-proxy's nftables test tracer: the base chains of the
+//! packet's hooks run in priority order (`filter-prerouting-pre-dnat`, `nat-prerouting`,
+//! then `filter-forward` and `filter-input`; or the output chains for traffic from the
+//! node itself); every branch of a `numgen` vmap is followed with its probability;
+//! `jump mark-for-masquerade` (or an inline `mark set mark or …`) means "masqueraded";
+//! `ct state new` is true; `fib … type local` is decided by the node's addresses; the
+//! first DNAT target becomes the destination for the chains that run after DNAT.
+//! Statements it does not know make the rule an explicit "unknown, not taken" step;
+//! loops and bad DNAT targets end the trace as unknown; malformed lines are errors.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use super::core::{destination_ip, Walk};
+pub use super::core::{Packet, Step, Trace, TraceError};
+use eval::{Flow, Tracer};
+pub(crate) use parse::parse_elements;
+use parse::{parse_add_lines, parse_blocks};
+
+mod eval;
+mod parse;
+#[cfg(test)]
+mod tests;
+
+/// One set or map element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Element {
+    /// Canonical key text (`10.0.0.1 . tcp . 80`).
+    pub(crate) key: String,
+    /// The verdict of a map element (`goto chain`, `drop`).
+    pub(crate) value: Option<String>,
+    /// The element's comment (kube-proxy puts the Service port there).
+    pub(crate) comment: Option<String>,
+}
+
+/// A base chain's place in the packet path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BaseChain {
+    pub(crate) hook: String,
+    pub(crate) priority: i32,
+    pub(crate) policy_drop: bool,
+}
+
+/// A parsed table: chains with their rules, and set/map elements.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    /// `ip kube-proxy`.
+    pub(crate) name: String,
+    pub(crate) chains: HashMap<String, Vec<Rule>>,
+    pub(crate) base: HashMap<String, BaseChain>,
+    /// Set or map name -> elements.
+    pub(crate) elements: HashMap<String, Vec<Element>>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    pub(crate) text: String,
+    pub(crate) tokens: Vec<String>,
+}
+
+impl Rule {
+    pub(crate) fn new(tokens: Vec<String>) -> Rule {
+        Rule {
+            text: tokens.join(" "),
+            tokens,
+        }
+    }
+}
+
+impl Table {
+    /// Parses a table in any of the three forms (detected from the text).
+    pub fn parse(text: &str) -> Result<Table, TraceError> {
+        Self::parse_for(text, None)
+    }
+
+    /// Parses the `kube-proxy` table of one family (`ip`, `ip6`) out of a listing that
+    /// may hold several tables; `None` takes the first kube-proxy table.
+    pub fn parse_for(text: &str, family: Option<&str>) -> Result<Table, TraceError> {
+        let trimmed = text.trim_start();
+        let tables = if trimmed.starts_with('{') {
+            super::nft_json::parse(text)?
+        } else if trimmed
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+            .is_some_and(|l| l.trim_start().starts_with("table "))
+        {
+            parse_blocks(text)?
+        } else {
+            vec![parse_add_lines(text)?]
+        };
+        let wanted = |t: &&Table| {
+            let mut parts = t.name.split_whitespace();
+            let fam = parts.next().unwrap_or_default();
+            let name = parts.next().unwrap_or_default();
+            name == "kube-proxy" && family.is_none_or(|f| f == fam || fam == "inet")
+        };
+        if let Some(t) = tables.iter().find(wanted) {
+            return Ok(t.clone());
+        }
+        match tables.len() {
+            1 => Ok(tables.into_iter().next().unwrap_or_default()),
+            0 => Err(TraceError::parse(0, "no table in the ruleset")),
+            _ => Err(TraceError::parse(
+                0,
+                "no kube-proxy table of this family in the ruleset",
+            )),
+        }
+    }
+
+    fn add_rule(&mut self, chain: String, rule: Rule, front: bool) {
+        let c = self.chains.entry(chain).or_default();
+        if front {
+            c.insert(0, rule);
+        } else {
+            c.push(rule);
+        }
+    }
+
+    /// The base chains a packet passes, in order.
+    fn entry_chains(&self, from_node: bool) -> Vec<(String, String)> {
+        if self.base.is_empty() {
+            // No hook information (a partial dump): kube-proxy's fixed chains.
+            let names: &[(&str, &str)] = if from_node {
+                &[
+                    ("output", "filter-output-pre-dnat"),
+                    ("output", "nat-output"),
+                    ("output", "filter-output"),
+                ]
+            } else {
+                &[
+                    ("prerouting", "filter-prerouting-pre-dnat"),
+                    ("prerouting", "nat-prerouting"),
+                    ("forward", "filter-forward"),
+                    ("input", "filter-input"),
+                ]
+            };
+            return names
+                .iter()
+                .map(|(h, c)| (h.to_string(), c.to_string()))
+                .collect();
+        }
+        let hooks: &[&str] = if from_node {
+            &["output"]
+        } else {
+            &["prerouting", "forward", "input"]
+        };
+        let mut out = Vec::new();
+        for hook in hooks {
+            let mut chains: Vec<(&String, &BaseChain)> =
+                self.base.iter().filter(|(_, b)| b.hook == *hook).collect();
+            chains.sort_by(|a, b| a.1.priority.cmp(&b.1.priority).then(a.0.cmp(b.0)));
+            out.extend(
+                chains
+                    .into_iter()
+                    .map(|(c, _)| (hook.to_string(), c.clone())),
+            );
+        }
+        out
+    }
+
+    /// Traces one packet; `local_ips` decide `fib … type local`.
+    pub fn trace(&self, pkt: &Packet, local_ips: &[IpAddr]) -> Trace {
+        let table_label = if self.name.is_empty() {
+            "ip kube-proxy".to_string()
+        } else {
+            self.name.clone()
+        };
+        let mut tr = Tracer {
+            t: self,
+            local: local_ips,
+            walk: Walk::new(),
+            mark: 0,
+            via: None,
+        };
+        let mut pkt = pkt.clone();
+        let mut dnat_seen = false;
+        for (hook, chain) in self.entry_chains(pkt.from_node) {
+            if tr.walk.halted() {
+                break;
+            }
+            if !dnat_seen {
+                if let Some(first) = tr.walk.out.endpoints.first() {
+                    dnat_seen = true;
+                    if let Some(ip) = destination_ip(&first.destination) {
+                        pkt.dst = ip;
+                    }
+                }
+            }
+            tr.walk.at(&hook, &table_label);
+            let flow = tr.run(&chain, &pkt);
+            if flow != Flow::Stop
+                && self.base.get(&chain).is_some_and(|b| b.policy_drop)
+                && tr.walk.out.endpoints.is_empty()
+            {
+                tr.walk.stop(
+                    &chain,
+                    "policy drop",
+                    "DROP",
+                    format!("policy of base chain {chain}"),
+                );
+            }
+        }
+        tr.walk.finish()
+    }
+}
