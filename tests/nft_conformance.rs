@@ -377,3 +377,168 @@ mod flows {
         );
     }
 }
+
+/// The `maps` layout (`--nftables-layout=maps`) through the tracer: every upstream
+/// nftables flow vector's expectation, and every iptables one wherever upstream's own
+/// nftables layout agrees with iptables (where the two upstream modes differ — e.g.
+/// localhost NodePorts exist only in iptables mode — the maps layout must do what
+/// upstream's nftables layout does).
+mod maps_flows {
+    use crate::vectors::{
+        nft_check_flows, nft_local_ips, nft_settings, nft_vector_dirs, s, settings_for, state_for,
+        vector_dirs, yaml,
+    };
+    use kproxy::model::{NodeContext, ProxyState};
+    use kproxy::nftables::maps::MapsRenderer;
+    use kproxy::nftables::render::{NftRenderer, RenderOptions};
+    use kproxy::nftables::text::transaction_text;
+    use kproxy::snapshot;
+    use kproxy::trace::nftables::{Packet, Table};
+    use serde_json::Value;
+    use std::fs;
+    use std::net::IpAddr;
+
+    fn maps_table(settings: &kproxy::config::FamilySettings, ps: &ProxyState) -> Table {
+        let text = transaction_text(&MapsRenderer::new(settings.clone()).render_full(ps));
+        Table::parse(&text).unwrap_or_else(|e| panic!("maps layout does not parse: {e}\n{text}"))
+    }
+
+    #[test]
+    fn upstream_nftables_flows_through_the_maps_layout() {
+        let mut failures = Vec::new();
+        let mut flows = 0;
+        for dir in nft_vector_dirs()
+            .into_iter()
+            .filter(|d| d.join("flows.yaml").exists())
+        {
+            let cfg = yaml(&dir.join("config.yaml"));
+            let (settings, cidrs) = nft_settings(&cfg);
+            let mut state =
+                snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
+                    .unwrap()
+                    .state;
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local = nft_local_ips(&spec);
+            let node = NodeContext {
+                name: settings.node_name.clone(),
+                zone: None,
+                prefer_same_node: true,
+            };
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                for d in phase["deleteEndpointSlices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let (ns, name) = match d {
+                        Value::String(s) => {
+                            let (ns, n) = s.split_once('/').unwrap();
+                            (ns.to_string(), n.to_string())
+                        }
+                        _ => (
+                            d["namespace"].as_str().unwrap().to_string(),
+                            d["name"].as_str().unwrap().to_string(),
+                        ),
+                    };
+                    assert!(state.remove_slice(&ns, &name), "{}", dir.display());
+                }
+                let mut ps = state.proxy_state(settings.family, &node);
+                ps.service_cidrs = cidrs.clone();
+                let table = maps_table(&settings, &ps);
+                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
+            }
+        }
+        eprintln!("maps layout: {flows} upstream nftables flows");
+        assert!(flows >= 50, "only {flows}");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    #[test]
+    fn upstream_iptables_flows_through_the_maps_layout() {
+        let mut failures = Vec::new();
+        let (mut flows, mut as_iptables, mut as_nft_upstream) = (0, 0, 0);
+        for dir in vector_dirs() {
+            if !dir.join("flows.yaml").exists() || dir.join("input-rules.iptables").exists() {
+                continue;
+            }
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local: Vec<IpAddr> = spec["tracer_local_ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect();
+            let cfg = yaml(&dir.join("config.yaml"));
+            let settings = settings_for(&cfg);
+            let (mut state, node) = state_for(&dir, &cfg);
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                for action in phase["apply_before_flows"].as_array().into_iter().flatten() {
+                    if let Some(d) = action.get("delete") {
+                        let (ns, name) = (s(d, "namespace").unwrap(), s(d, "name").unwrap());
+                        let removed = match s(d, "kind") {
+                            Some("Service") => state.remove_service(ns, name),
+                            _ => state.remove_slice(ns, name),
+                        };
+                        assert!(removed, "{}: nothing to delete for {d}", dir.display());
+                    }
+                }
+                let ps = state.proxy_state(settings.family, &node);
+                let maps = maps_table(&settings, &ps);
+                let upstream = Table::parse(&transaction_text(
+                    &NftRenderer::new(settings.clone())
+                        .render(&ps, &RenderOptions::default())
+                        .main,
+                ))
+                .unwrap();
+                for flow in phase["flows"].as_array().into_iter().flatten() {
+                    flows += 1;
+                    let pkt = Packet {
+                        src: s(flow, "source_ip").unwrap().parse().unwrap(),
+                        dst: s(flow, "dest_ip").unwrap().parse().unwrap(),
+                        dport: flow["dest_port"].as_u64().unwrap() as u16,
+                        proto: s(flow, "protocol").unwrap_or("TCP").to_lowercase(),
+                        from_node: false,
+                    };
+                    let want = (
+                        s(flow, "output").unwrap_or_default().to_string(),
+                        flow["masq"].as_bool().unwrap_or(false),
+                    );
+                    let got = maps.trace(&pkt, &local);
+                    let got = (got.output(), got.masquerade);
+                    if got == want {
+                        as_iptables += 1;
+                        continue;
+                    }
+                    let up = upstream.trace(&pkt, &local);
+                    let up = (up.output(), up.masquerade);
+                    if up != want && got == up {
+                        as_nft_upstream += 1;
+                        continue;
+                    }
+                    failures.push(format!(
+                        "{} [{}] {}: maps {got:?}, iptables {want:?}, upstream nftables {up:?}",
+                        dir.file_name().unwrap().to_string_lossy(),
+                        s(phase, "name").unwrap_or_default(),
+                        s(flow, "name").unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        eprintln!(
+            "maps layout: {flows} upstream iptables flows, {as_iptables} as iptables expects, \
+             {as_nft_upstream} where upstream's nftables mode differs from iptables and maps does as nftables"
+        );
+        assert!(flows >= 50, "only {flows}");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}

@@ -12,9 +12,10 @@ use clap::Args;
 
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
-use crate::config::Mode;
+use crate::config::{Mode, NftablesLayout};
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::maps::MapsRenderer;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::nftables::text::transaction_text;
 use crate::trace::core::{Packet, Trace};
@@ -121,9 +122,17 @@ fn live_rules(mode: Option<Mode>, family: IpFamily) -> Result<(Mode, Rules), Cli
             })?;
             return Ok((Mode::Nftables, Rules::Nftables(t)));
         }
+        // The maps layout's table, as the kernel lists it (its data maps and
+        // `numgen` keys are read from the text listing).
+        let maps = crate::nftables::maps::TABLE;
+        if let Some(text) = run_tool("nft", &["list", "table", fam, maps]) {
+            let t = NftTable::parse_for(&text, Some(fam))
+                .map_err(|e| CliError::failed(format!("nft list table {fam} {maps}: {e}")))?;
+            return Ok((Mode::Nftables, Rules::Nftables(t)));
+        }
         if mode == Some(Mode::Nftables) {
             return Err(CliError::failed(format!(
-                "no nftables table {fam} kube-proxy in this network namespace"
+                "no nftables table {fam} kube-proxy or {fam} {maps} in this network namespace"
             )));
         }
     }
@@ -256,6 +265,9 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         let state = inputs.state.proxy_state(family, &inputs.node);
         let mode = inputs.config.mode;
         let text = match mode {
+            Mode::Nftables if inputs.config.nftables_layout == NftablesLayout::Maps => {
+                transaction_text(&MapsRenderer::new(settings).render_full(&state))
+            }
             Mode::Nftables => transaction_text(
                 &NftRenderer::new(settings)
                     .render(&state, &NftRenderOptions::default())

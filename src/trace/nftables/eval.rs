@@ -28,6 +28,8 @@ pub(super) struct Tracer<'a> {
     /// The last map element that sent the packet on (`@map`, element comment), for
     /// reasons.
     pub(super) via: Option<(String, Option<String>)>,
+    /// The connection was DNATed (`ct status dnat`): the postrouting pass.
+    pub(super) after_dnat: bool,
 }
 
 fn parse_num(s: &str) -> Option<u32> {
@@ -67,7 +69,12 @@ impl Tracer<'_> {
         result
     }
 
-    fn selector_value(&self, toks: &[String], i: &mut usize, p: &Packet) -> Option<String> {
+    pub(super) fn selector_value(
+        &self,
+        toks: &[String],
+        i: &mut usize,
+        p: &Packet,
+    ) -> Option<String> {
         let a = toks.get(*i)?.as_str();
         let b = toks.get(*i + 1).map(String::as_str);
         let v = match (a, b) {
@@ -93,7 +100,7 @@ impl Tracer<'_> {
         Some(parts.join(" . "))
     }
 
-    fn find_element(&self, set: &str, key: &str) -> Option<&Element> {
+    pub(super) fn find_element(&self, set: &str, key: &str) -> Option<&Element> {
         self.t
             .elements
             .get(set)?
@@ -216,6 +223,17 @@ impl Tracer<'_> {
                         i += 2;
                     }
                 }
+                "ct" if toks.get(i + 1).map(String::as_str) == Some("status") => {
+                    match self.ct_status(toks, &mut i) {
+                        Some(true) => {}
+                        Some(false) => return Flow::Continue,
+                        None => {
+                            self.walk
+                                .unknown(chain, &r.text, "ct status other than dnat");
+                            return Flow::Continue;
+                        }
+                    }
+                }
                 "ct" => {
                     // `ct state new` (a traced packet is always a new connection).
                     if toks.get(i + 1).map(String::as_str) != Some("state") {
@@ -332,6 +350,9 @@ impl Tracer<'_> {
                     }
                 }
                 "dnat" => {
+                    if let Some(flow) = self.dnat_map(chain, r, toks, i, p) {
+                        return flow;
+                    }
                     // dnat [ip|ip6] to ADDR:PORT
                     let target = toks[i + 1..]
                         .iter()

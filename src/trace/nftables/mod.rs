@@ -22,6 +22,7 @@ pub(crate) use parse::parse_elements;
 use parse::{parse_add_lines, parse_blocks};
 
 mod eval;
+mod maps;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -96,9 +97,16 @@ impl Table {
             let mut parts = t.name.split_whitespace();
             let fam = parts.next().unwrap_or_default();
             let name = parts.next().unwrap_or_default();
-            name == "kube-proxy" && family.is_none_or(|f| f == fam || fam == "inet")
+            let of_family = family.is_none_or(|f| f == fam || fam == "inet");
+            (name == "kube-proxy" || name == crate::nftables::maps::TABLE) && of_family
         };
-        if let Some(t) = tables.iter().find(wanted) {
+        // Upstream's table first when a ruleset holds both layouts.
+        let upstream = |t: &&Table| wanted(t) && t.name.ends_with(" kube-proxy");
+        if let Some(t) = tables
+            .iter()
+            .find(upstream)
+            .or_else(|| tables.iter().find(wanted))
+        {
             return Ok(t.clone());
         }
         match tables.len() {
@@ -175,6 +183,7 @@ impl Table {
             walk: Walk::new(),
             mark: 0,
             via: None,
+            after_dnat: false,
         };
         let mut pkt = pkt.clone();
         let mut dnat_seen = false;
@@ -204,6 +213,48 @@ impl Table {
                 );
             }
         }
+        if self.is_maps() {
+            self.postrouting(&mut tr, &pkt, &table_label);
+        }
         tr.walk.finish()
+    }
+
+    /// Whether this is the maps layout's table (`ip kproxy`).
+    fn is_maps(&self) -> bool {
+        self.name.split_whitespace().nth(1) == Some(crate::nftables::maps::TABLE)
+    }
+
+    /// The maps layout decides hairpin masquerade after DNAT, in postrouting (upstream
+    /// marks it in the endpoint chain): one pass per DNAT destination, with that
+    /// destination and the mark prerouting left, weighted by its probability.
+    fn postrouting(&self, tr: &mut Tracer<'_>, pkt: &Packet, label: &str) {
+        if tr.walk.halted() {
+            return;
+        }
+        let mut chains: Vec<(&String, &BaseChain)> = self
+            .base
+            .iter()
+            .filter(|(_, b)| b.hook == "postrouting")
+            .collect();
+        chains.sort_by(|a, b| a.1.priority.cmp(&b.1.priority).then(a.0.cmp(b.0)));
+        let mark = tr.mark;
+        tr.after_dnat = true;
+        for ep in tr.walk.out.endpoints.clone() {
+            let Some(ip) = destination_ip(&ep.destination) else {
+                continue;
+            };
+            let mut q = pkt.clone();
+            q.dst = ip;
+            tr.mark = mark;
+            tr.walk.at("postrouting", label);
+            let saved = tr.walk.scale(ep.probability);
+            for (chain, _) in &chains {
+                if tr.run(chain, &q) == Flow::Stop || tr.walk.halted() {
+                    break;
+                }
+            }
+            tr.walk.restore(saved);
+        }
+        tr.after_dnat = false;
     }
 }
