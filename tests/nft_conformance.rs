@@ -2,6 +2,8 @@
 //! ruleset, the TestSyncProxyRulesRepeated sequence with upstream's operation counts,
 //! and the element assertions, compared after upstream's normalization.
 
+#[path = "support/cluster_gen.rs"]
+mod cluster_gen;
 #[path = "support/vectors.rs"]
 mod vectors;
 
@@ -539,6 +541,143 @@ mod maps_flows {
             "{} of {flows} differ:\n{}",
             failures.len(),
             failures.join("\n")
+        );
+    }
+}
+
+/// Property: over random clusters (the generator the partial-sync property uses), for
+/// sampled packets — pods, the Services' own endpoints (hairpin), allowed and
+/// refused outside sources and the node itself, to every ClusterIP, NodePort and
+/// load-balancer IP, an unused port and an unallocated ServiceCIDR address — the
+/// maps layout and upstream's layout give the same endpoint sets with the same
+/// probabilities (exactly 1/N each), the same masquerade decision and the same
+/// drop/reject/accept/no-service outcome.
+mod maps_props {
+    use crate::cluster_gen::{mutate, node, settings, Lcg};
+    use kproxy::model::{ClusterState, IpFamily, ProxyState};
+    use kproxy::nftables::maps::MapsRenderer;
+    use kproxy::nftables::render::{NftRenderer, RenderOptions};
+    use kproxy::nftables::text::transaction_text;
+    use kproxy::trace::core::{Outcome, Trace};
+    use kproxy::trace::nftables::{Packet, Table};
+    use std::net::IpAddr;
+
+    /// What must agree: the outcome without its reasons, the endpoints with their
+    /// probabilities, masquerade, and upstream's one-line output.
+    fn summary(t: &Trace) -> (String, Vec<(String, f64)>, bool, String) {
+        let kind = match t.outcome() {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Dropped { .. } => "dropped",
+            Outcome::NotService => "not-service",
+            Outcome::Unknown { .. } => "unknown",
+        };
+        let eps = t
+            .endpoints
+            .iter()
+            .map(|d| (d.destination.clone(), (d.probability * 1e9).round() / 1e9))
+            .collect();
+        (kind.to_string(), eps, t.masquerade, t.output())
+    }
+
+    fn packets(ps: &ProxyState) -> Vec<Packet> {
+        let node_ip: IpAddr = "192.168.0.2".parse().unwrap();
+        let mut dests: Vec<(IpAddr, u16, String)> =
+            vec![("172.30.0.250".parse().unwrap(), 80, "tcp".to_string())];
+        let mut sources: Vec<IpAddr> = ["10.0.99.9", "203.0.113.5", "203.0.113.200"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        for p in &ps.ports {
+            let proto = p.svc.name.protocol.lower().to_string();
+            dests.push((p.svc.cluster_ip, p.svc.port, proto.clone()));
+            dests.push((p.svc.cluster_ip, 9999, proto.clone()));
+            if p.svc.node_port != 0 {
+                dests.push((node_ip, p.svc.node_port, proto.clone()));
+            }
+            for ip in p.svc.lb_ips.iter().chain(&p.svc.external_ips) {
+                dests.push((*ip, p.svc.port, proto.clone()));
+            }
+            sources.extend(p.endpoints.first().map(|e| e.ip));
+        }
+        sources.sort();
+        sources.dedup();
+        let mut out = Vec::new();
+        for (dst, dport, proto) in &dests {
+            for src in &sources {
+                out.push(Packet {
+                    src: *src,
+                    dst: *dst,
+                    dport: *dport,
+                    proto: proto.clone(),
+                    from_node: false,
+                });
+            }
+            out.push(Packet {
+                src: node_ip,
+                dst: *dst,
+                dport: *dport,
+                proto: proto.clone(),
+                from_node: true,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn maps_layout_equals_upstream_layout_on_random_clusters() {
+        let local: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
+        let (mut packets_checked, mut delivered, mut states, mut masq) = (0usize, 0, 0, 0);
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for seed in 1..=25u64 {
+            let mut rng = Lcg(seed * 104_729);
+            let mut state = ClusterState::new();
+            for step in 0..20 {
+                mutate(&mut rng, &mut state);
+                let fs = settings(IpFamily::V4);
+                let mut ps = state.proxy_state(IpFamily::V4, &node());
+                ps.service_cidrs = vec!["172.30.0.0/16".parse().unwrap()];
+                let upstream = Table::parse(&transaction_text(
+                    &NftRenderer::new(fs.clone())
+                        .render(&ps, &RenderOptions::default())
+                        .main,
+                ))
+                .unwrap();
+                let maps_text = transaction_text(&MapsRenderer::new(fs).render_full(&ps));
+                let maps = Table::parse(&maps_text).unwrap();
+                states += 1;
+                for pkt in packets(&ps) {
+                    let want = summary(&upstream.trace(&pkt, &local));
+                    let got = summary(&maps.trace(&pkt, &local));
+                    packets_checked += 1;
+                    assert_ne!(want.0, "unknown", "seed {seed} step {step} {pkt:?}");
+                    assert_eq!(
+                        got, want,
+                        "seed {seed} step {step} {pkt:?}: maps layout (left) vs upstream (right)"
+                    );
+                    masq += usize::from(got.2);
+                    if !got.1.is_empty() {
+                        delivered += 1;
+                        let n = got.1.len() as f64;
+                        for (ep, p) in &got.1 {
+                            assert!(
+                                (p - 1.0 / n).abs() < 1e-9,
+                                "seed {seed} step {step} {pkt:?}: {ep} has {p}, not 1/{n}"
+                            );
+                        }
+                    }
+                    *kinds.entry(got.0.clone()).or_default() += 1;
+                }
+            }
+        }
+        eprintln!(
+            "maps vs upstream: {states} clusters, {packets_checked} packets ({delivered} \
+             delivered, {masq} masqueraded), outcomes {kinds:?}"
+        );
+        assert!(
+            packets_checked > 15_000 && delivered > 1500 && masq > 300,
+            "{packets_checked} / {delivered} / {masq}"
         );
     }
 }

@@ -227,10 +227,15 @@ impl Table {
     /// The maps layout decides hairpin masquerade after DNAT, in postrouting (upstream
     /// marks it in the endpoint chain): one pass per DNAT destination, with that
     /// destination and the mark prerouting left, weighted by its probability.
+    ///
+    /// A drop or reject after DNAT does not skip it: like upstream's tracer (which
+    /// sees the hairpin mark before the filter chains), the tracer keeps the original
+    /// port after DNAT, so a later filter verdict is the tracer's, not the kernel's.
     fn postrouting(&self, tr: &mut Tracer<'_>, pkt: &Packet, label: &str) {
-        if tr.walk.halted() {
+        if tr.walk.aborted() || tr.walk.out.endpoints.is_empty() {
             return;
         }
+        let stopped = tr.walk.out.stopped.take();
         let mut chains: Vec<(&String, &BaseChain)> = self
             .base
             .iter()
@@ -256,5 +261,8 @@ impl Table {
             tr.walk.restore(saved);
         }
         tr.after_dnat = false;
+        if stopped.is_some() {
+            tr.walk.out.stopped = stopped;
+        }
     }
 }
