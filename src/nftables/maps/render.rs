@@ -184,14 +184,32 @@ impl MapsRenderer {
         let mut tx = Transaction::new(layout.family(), TABLE);
         let rules_change = old.counts != new.counts || old.service_cidrs != new.service_cidrs;
         if rules_change {
+            // A new N: its gate set, data map and balance chain (whose rule names only
+            // the map written here).
+            // Leftovers of an earlier run with this N are emptied and re-created first.
             for (class, n) in new.counts.difference(&old.counts) {
-                if let Some(s) = layout
+                let chain = class.balance_chain(*n);
+                tx.push(Op::AddChain(Chain {
+                    name: chain.clone(),
+                    base: None,
+                    comment: None,
+                }));
+                tx.push(Op::FlushChain(chain));
+                for s in layout
                     .sets(&new.counts)
                     .into_iter()
-                    .find(|s| s.name == class.gate(*n))
+                    .filter(|s| s.name == class.gate(*n) || s.name == class.backends(*n))
                 {
+                    if s.is_map {
+                        tx.push(Op::AddSet(s.clone()));
+                        tx.push(Op::DeleteSet {
+                            name: s.name.clone(),
+                            is_map: true,
+                        });
+                    }
                     tx.push(Op::AddSet(s));
                 }
+                tx.push(layout.balance_rule(*class, *n));
             }
         }
         // An affinity set whose timeout changes is re-created (after the rules
@@ -282,6 +300,12 @@ impl MapsRenderer {
                 tx.push(r);
             }
             for (class, n) in old.counts.difference(&new.counts) {
+                tx.push(Op::FlushChain(class.balance_chain(*n)));
+                tx.push(Op::DeleteChain(class.balance_chain(*n)));
+                tx.push(Op::DeleteSet {
+                    name: class.backends(*n),
+                    is_map: true,
+                });
                 tx.push(Op::DeleteSet {
                     name: class.gate(*n),
                     is_map: false,
@@ -328,7 +352,7 @@ impl MapsRenderer {
             let mut key = dest.to_vec();
             key.push(KeyValue::Index(idx));
             d.add(
-                &class.backends(),
+                &class.backends(n),
                 key,
                 vec![KeyValue::Ip(ep.ip), KeyValue::Port(ep.port)],
             );
