@@ -6,7 +6,8 @@
 #   2. a Debian root filesystem from this machine's configured apt mirror (mmdebstrap,
 #      minbase + iptables, nftables, conntrack, libnftnl, libmnl), no docs, no apt lists;
 #   3. buildah: image = that rootfs + the binary, entrypoint /usr/local/bin/kproxy;
-#   4. smoke tests with podman: `kproxy version`, the demo render (must equal the host
+#   4. smoke tests with podman (or, where this host cannot start containers, the image's
+#      root filesystem chrooted read-only with the same capabilities): `kproxy version`, the demo render (must equal the host
 #      binary's), `kproxy apply` in both modes inside a fresh network namespace with the
 #      capabilities the DaemonSet grants (NET_ADMIN, NET_RAW; read-only root), and
 #      `kproxy diff` there with shadow mode's extra SYS_ADMIN.
@@ -43,7 +44,7 @@ work=$(mktemp -d /tmp/kproxy-image.XXXXXX)
 ns=kp-img-$$
 cleanup() {
   ip netns del "$ns" 2>/dev/null || true
-  [ -n "${ctr:-}" ] && buildah rm "$ctr" >/dev/null 2>&1 || true
+  if [ -n "${ctr:-}" ]; then buildah umount "$ctr" >/dev/null 2>&1 || true; buildah rm "$ctr" >/dev/null 2>&1 || true; fi
   [ "${KEEP_ROOTFS:-0}" = 1 ] || rm -rf "$work"
 }
 trap cleanup EXIT
@@ -87,20 +88,72 @@ buildah rm "$ctr" >/dev/null
 ctr=
 buildah images "$image"
 
-# Keep the host's resource limits: podman's default RLIMIT_NOFILE can exceed what a
-# sandboxed (or containerised) build host may grant.
-run=(podman run --rm --ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)" --ulimit "nproc=$(ulimit -Su):$(ulimit -Hu)")
+# The smoke tests run the image two ways. With podman when this host can start
+# containers; on hosts that cannot (a sandbox without CAP_SYS_RESOURCE, where crun's
+# setrlimit calls fail) with a faithful stand-in: the image's own root filesystem
+# (buildah mount of a container made from the committed image), bind-mounted read-only
+# in a private mount namespace, chrooted, with the same capability bounding set and the
+# same network namespace. Everything executed (kproxy, its libraries, iptables, nft)
+# comes from the image either way.
+run_podman=(podman run --rm --ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)" --ulimit "nproc=$(ulimit -Su):$(ulimit -Hu)")
+if "${run_podman[@]}" --network none "$image" version >/dev/null 2>"$work/podman.err"; then
+  runner=podman
+else
+  runner=chroot
+  echo "== podman cannot start containers here ($(tail -1 "$work/podman.err")); smoke tests run the image's root filesystem in a chroot instead"
+  ctr=$(buildah from "$image")
+  root=$(buildah mount "$ctr")
+  mkdir -p "$root/demo"
+fi
 
-echo "== smoke: version"
-"${run[@]}" "$image" version | tee "$work/version"
+# in_image NETNS CAPS ARGS...: run `kproxy ARGS` from the image. NETNS "" = no network
+# (podman: --network none; chroot: a fresh throw-away namespace), CAPS "" = all (root),
+# else a comma list such as NET_ADMIN,NET_RAW. testdata/demo is at /demo (read-only),
+# the root filesystem is read-only with tmpfs /run and /tmp, as in the DaemonSet.
+in_image() {
+  local netns=$1 caps=$2
+  shift 2
+  if [ "$runner" = podman ]; then
+    local args=(--read-only --user 0 -v "$PWD/testdata/demo:/demo:ro")
+    if [ -n "$netns" ]; then args+=(--network "ns:/var/run/netns/$netns"); else args+=(--network none); fi
+    if [ -n "$caps" ]; then args+=(--cap-drop all --cap-add "$caps"); fi
+    "${run_podman[@]}" "${args[@]}" "$image" "$@"
+    return
+  fi
+  local bounding=-all
+  if [ -n "$caps" ]; then
+    bounding=-all,$(echo "$caps" | tr 'A-Z' 'a-z' | sed 's/\([a-z_]*\)/+\1/g')
+  else
+    bounding=+all
+  fi
+  local pre=(unshare --net)
+  [ -n "$netns" ] && pre=(ip netns exec "$netns")
+  "${pre[@]}" unshare --mount --propagation private /bin/sh -eu -c '
+    root=$1 demo=$2 bounding=$3
+    shift 3
+    mount --bind "$root" "$root"
+    mount --bind "$demo" "$root/demo"
+    mount -o remount,bind,ro "$root/demo"
+    mount -t proc proc "$root/proc"
+    mount --rbind /sys "$root/sys"
+    mount --rbind /dev "$root/dev"
+    mount -t tmpfs tmpfs "$root/run"
+    mount -t tmpfs tmpfs "$root/tmp"
+    mount -o remount,bind,ro "$root"
+    exec chroot "$root" /usr/bin/setpriv --bounding-set "$bounding" --inh-caps -all \
+      -- /usr/local/bin/kproxy "$@"
+  ' sh "$root" "$PWD/testdata/demo" "$bounding" "$@"
+}
+
+echo "== smoke ($runner): version"
+in_image "" "" version | tee "$work/version"
 grep -q "kproxy $version" "$work/version"
 
-echo "== smoke: demo render (image = host binary)"
+echo "== smoke ($runner): demo render (image = host binary)"
 # shellcheck disable=SC2046
 demo=(--snapshot /demo/cluster.yaml $(cat testdata/demo/args))
 for mode in iptables nftables; do
-  "${run[@]}" --network none -v "$PWD/testdata/demo:/demo:ro" "$image" \
-    render --mode "$mode" "${demo[@]}" >"$work/render-$mode.image"
+  in_image "" "" render --mode "$mode" "${demo[@]}" >"$work/render-$mode.image"
   # shellcheck disable=SC2046
   "$bin" render --mode "$mode" --snapshot testdata/demo/cluster.yaml $(cat testdata/demo/args) \
     >"$work/render-$mode.host"
@@ -108,12 +161,10 @@ for mode in iptables nftables; do
   echo "$mode: $(wc -l <"$work/render-$mode.image") lines, identical"
 done
 
-echo "== smoke: apply in network namespace $ns with the DaemonSet's capabilities"
-caps=(--cap-drop all --cap-add NET_ADMIN,NET_RAW --read-only --user 0)
+echo "== smoke ($runner): apply in network namespace $ns with the DaemonSet's capabilities"
 for mode in iptables nftables; do
   ip netns add "$ns"
-  "${run[@]}" --network "ns:/var/run/netns/$ns" "${caps[@]}" \
-    -v "$PWD/testdata/demo:/demo:ro" "$image" apply --mode "$mode" "${demo[@]}"
+  in_image "$ns" NET_ADMIN,NET_RAW apply --mode "$mode" "${demo[@]}"
   if [ "$mode" = iptables ]; then
     n=$(ip netns exec "$ns" iptables-save | grep -c '^-A KUBE-')
   else
@@ -122,10 +173,14 @@ for mode in iptables nftables; do
   echo "$mode: applied ($n lines of kube-proxy rules in $ns)"
   [ "$n" -gt 10 ]
   # kproxy diff (shadow mode's capabilities: + SYS_ADMIN for its scratch namespace).
-  "${run[@]}" --network "ns:/var/run/netns/$ns" --cap-drop all \
-    --cap-add NET_ADMIN,NET_RAW,SYS_ADMIN --read-only --user 0 \
-    -v "$PWD/testdata/demo:/demo:ro" "$image" diff --mode "$mode" "${demo[@]}"
+  in_image "$ns" NET_ADMIN,NET_RAW,SYS_ADMIN diff --mode "$mode" "${demo[@]}"
+  # Without NET_ADMIN the image must fail cleanly, not half-apply.
+  if in_image "$ns" NET_RAW apply --mode "$mode" "${demo[@]}" 2>"$work/nocap.err"; then
+    echo "$mode: apply without NET_ADMIN succeeded" >&2
+    exit 1
+  fi
+  echo "$mode: without NET_ADMIN: refused ($(tail -1 "$work/nocap.err"))"
   ip netns del "$ns"
 done
 
-echo "== ok: $image ($(podman image inspect --format '{{.Size}}' "$image") bytes)"
+echo "== ok: $image ($(buildah inspect --type image --format '{{.Size}}' "$image" 2>/dev/null || podman image inspect --format '{{.Size}}' "$image") bytes), smoke-tested with $runner"

@@ -12,3 +12,27 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// This process's resident memory now and at its peak (KiB), from /proc/self/status;
+/// `None` where that file is not readable.
+pub fn usage_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Logs (at debug level) the resident memory after a phase of a one-shot command, so
+/// `-v=4` shows where a command's peak comes from.
+pub fn log_phase(phase: &str) {
+    if let Some((rss, hwm)) = usage_kib() {
+        tracing::debug!(phase, rss_mib = rss / 1024, peak_mib = hwm / 1024, "memory");
+    }
+}

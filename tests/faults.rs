@@ -702,11 +702,20 @@ fn apiserver_errors_timeouts_gone_and_slow_responses() {
         Duration::from_secs(60),
         |r| r.contains("10.244.1.6"),
     );
-    let log = bed.log("kproxy.log");
-    assert!(
-        log.contains("410") || log.contains("Expired") || log.contains("Gone"),
-        "the 410s are not in the log:\n{log}"
-    );
+    // The change may arrive on the old watch just before the disconnect, so the 410s
+    // (served to the re-established watches) can come after it: wait for them.
+    let start = Instant::now();
+    loop {
+        let log = bed.log("kproxy.log");
+        if log.contains("410") || log.contains("Expired") || log.contains("Gone") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the 410s are not in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Slow answers on everything, then a hang on a watch: changes still arrive.
     bed.api

@@ -32,6 +32,7 @@ pub struct CleanupArgs {
 /// Runs `kproxy apply`.
 pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
     let inputs = Inputs::load(&args.inputs)?;
+    crate::memory::log_phase("inputs loaded");
     if let (Some(why), false) = (&inputs.refuse_apply, args.allow_empty) {
         return Err(CliError::usage(why.clone()));
     }
@@ -97,9 +98,13 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
                 .iter()
                 .map(|s| (s.clone(), inputs.state.proxy_state(s.family, &inputs.node)))
                 .collect();
+            // The cluster objects are not needed past this point; the sync's peak
+            // (the whole transaction) should not sit on top of them.
+            drop(inputs);
+            crate::memory::release_free_memory();
             crate::nftables::apply_once(&plan)
                 .map_err(|e| CliError::failed(format!("nftables apply: {e}")))?;
-            for s in &inputs.families {
+            for (s, state) in &plan {
                 summary.push(format!(
                     "{}: table {} kube-proxy",
                     s.family.label(),
@@ -108,7 +113,7 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
                         crate::model::IpFamily::V6 => "ip6",
                     }
                 ));
-                reconcile_conntrack(&inputs.state.proxy_state(s.family, &inputs.node));
+                reconcile_conntrack(state);
             }
         }
     }

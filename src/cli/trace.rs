@@ -17,7 +17,6 @@ use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
 use crate::nftables::maps::MapsRenderer;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
-use crate::nftables::text::transaction_text;
 use crate::trace::core::{Packet, Trace};
 use crate::trace::iptables::Ruleset;
 use crate::trace::nftables::Table as NftTable;
@@ -262,19 +261,33 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         if let Some(n) = inputs.state.node() {
             local.extend(n.internal_ips.iter().chain(n.external_ips.iter()).copied());
         }
+        crate::memory::log_phase("inputs loaded");
         let state = inputs.state.proxy_state(family, &inputs.node);
         let mode = inputs.config.mode;
+        let layout = inputs.config.nftables_layout;
+        // The peak is what is alive at once: the model and the proxy state while
+        // rendering, the rendered form while it becomes text, the text while it is
+        // parsed. So each is dropped as soon as the next exists (10k Services × 10
+        // endpoints: 379 → see docs/benchmarks.md).
+        drop(inputs);
+        crate::memory::log_phase("proxy state");
         let text = match mode {
-            Mode::Nftables if inputs.config.nftables_layout == NftablesLayout::Maps => {
-                transaction_text(&MapsRenderer::new(settings).render_full(&state))
+            Mode::Nftables if layout == NftablesLayout::Maps => {
+                let tx = MapsRenderer::new(settings).render_full(&state);
+                drop(state);
+                crate::memory::release_free_memory();
+                crate::nftables::text::transaction_into_text(tx)
             }
-            Mode::Nftables => transaction_text(
-                &NftRenderer::new(settings)
+            Mode::Nftables => {
+                let tx = NftRenderer::new(settings)
                     .render(&state, &NftRenderOptions::default())
-                    .main,
-            ),
+                    .main;
+                drop(state);
+                crate::memory::release_free_memory();
+                crate::nftables::text::transaction_into_text(tx)
+            }
             Mode::Iptables => {
-                let mut text = Renderer::new(settings)
+                let payload = Renderer::new(settings)
                     .render(
                         &state,
                         &RenderOptions {
@@ -283,18 +296,21 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
                         },
                     )
                     .payload;
+                drop(state);
                 // The jumps from the built-in chains that kube-proxy ensures outside its
                 // restore payload, so that a dry run walks what a live node walks.
-                text = with_builtin_jumps(&text, pkt.from_node);
-                text
+                with_builtin_jumps(&payload, pkt.from_node)
             }
         };
+        crate::memory::release_free_memory();
+        crate::memory::log_phase("rendered");
         (
             mode,
             parse_rules(mode, &text, family)?,
             RulesSource::Rendered,
         )
     };
+    crate::memory::log_phase("parsed");
     let trace = trace_with(&rules, &pkt, &local);
     let report = TraceReport::new(mode.as_str(), source, &pkt, args.sport, &trace);
     if args.output == "json" {

@@ -95,6 +95,7 @@ impl<I: NftInterface> NftDataplane<I> {
             },
         );
         drop(existing);
+        crate::memory::log_phase("nftables rendered");
         // Deleting chains flushed a while ago is its own transaction: if the kernel
         // still sees them referenced (kernels before 6.2 keep a flushed chain's
         // references until the next commit), the sync itself must still go through.
@@ -116,9 +117,10 @@ impl<I: NftInterface> NftDataplane<I> {
         // batches cut where every prefix is a consistent table (each Service old or
         // entirely new); a failure stops at a batch boundary and the next sync is full.
         // Anything smaller is one atomic batch.
-        for part in rendered.main.split(self.batch_ops) {
+        for part in rendered.main.into_batches(self.batch_ops) {
             self.nft.apply(&part)?;
         }
+        crate::memory::log_phase("nftables applied");
         self.renderer.commit(rendered.record);
         self.first = false;
         if cleanup_failed {

@@ -521,9 +521,15 @@ impl Transaction {
     /// renderer places cuts so that every prefix is a consistent table (each Service
     /// old or completely new, dispatch maps only pointing at complete chains), and its
     /// trailing element operations — whose verdicts make the kernel re-validate every
-    /// chain they reach — form one segment. Consumes the transaction, so the peak holds
-    /// one copy of it, not two.
+    /// chain they reach — form one segment.
     pub fn split(self, max_ops: usize) -> Vec<Transaction> {
+        self.into_batches(max_ops).collect()
+    }
+
+    /// [`Transaction::split`] one batch at a time: each batch's operations are moved
+    /// out when it is taken, so applying batch by batch holds the transaction plus one
+    /// batch, not two copies of it (75 MB at 10k Services for `kproxy apply`).
+    pub fn into_batches(self, max_ops: usize) -> Batches {
         let len = self.ops.len();
         let mut bounds: Vec<usize> = self
             .cuts
@@ -534,23 +540,47 @@ impl Transaction {
         bounds.sort_unstable();
         bounds.dedup();
         bounds.push(len);
-        let mut out = Vec::new();
-        let mut cur = Transaction::new(self.family, self.table.clone());
-        let mut ops = self.ops.into_iter();
-        let mut start = 0;
+        // Greedy packing, done on the bounds alone: the batch sizes.
+        let mut sizes = Vec::new();
+        let (mut cur, mut start) = (0usize, 0usize);
         for end in bounds {
             let segment = end - start;
-            if !cur.ops.is_empty() && cur.ops.len() + segment > max_ops {
-                let next = Transaction::new(self.family, self.table.clone());
-                out.push(std::mem::replace(&mut cur, next));
+            if cur > 0 && cur + segment > max_ops {
+                sizes.push(cur);
+                cur = 0;
             }
-            cur.ops.extend(ops.by_ref().take(segment));
+            cur += segment;
             start = end;
         }
-        if !cur.ops.is_empty() || out.is_empty() {
-            out.push(cur);
+        if cur > 0 || sizes.is_empty() {
+            sizes.push(cur);
         }
-        out
+        Batches {
+            family: self.family,
+            table: self.table,
+            ops: self.ops.into_iter(),
+            sizes: sizes.into_iter(),
+        }
+    }
+}
+
+/// The batches of a split transaction, in order ([`Transaction::into_batches`]).
+#[derive(Debug)]
+pub struct Batches {
+    family: Family,
+    table: String,
+    ops: std::vec::IntoIter<Op>,
+    sizes: std::vec::IntoIter<usize>,
+}
+
+impl Iterator for Batches {
+    type Item = Transaction;
+
+    fn next(&mut self) -> Option<Transaction> {
+        let size = self.sizes.next()?;
+        let mut tx = Transaction::new(self.family, self.table.clone());
+        tx.ops.extend(self.ops.by_ref().take(size));
+        Some(tx)
     }
 }
 

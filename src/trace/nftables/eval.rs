@@ -139,7 +139,7 @@ impl Tracer<'_> {
     /// Why a drop/reject happens, from the rule's comment or the map element that led
     /// there.
     fn reason(&self, chain: &str, r: &Rule) -> String {
-        if let Some(c) = rule_comment(&r.tokens) {
+        if let Some(c) = rule_comment(&r.tokens()) {
             return c;
         }
         match &self.via {
@@ -210,7 +210,7 @@ impl Tracer<'_> {
     }
 
     fn rule(&mut self, chain: &str, r: &Rule, p: &Packet) -> Flow {
-        let toks = &r.tokens;
+        let toks = &r.tokens();
         let mut i = 0;
         while i < toks.len() {
             let t = toks[i].as_str();
