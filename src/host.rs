@@ -118,7 +118,11 @@ impl Host {
         for family in [IpFamily::V4, IpFamily::V6] {
             let settings = cfg.family_settings(family, "", None, &[]);
             match mode {
-                Mode::Nftables => planes.push(Box::new(NftDataplane::new(settings))),
+                Mode::Nftables => {
+                    // Both layouts' tables: `kube-proxy` and the maps layout's `kproxy`.
+                    planes.push(Box::new(NftDataplane::new(settings.clone())));
+                    planes.push(Box::new(MapsDataplane::new(settings)));
+                }
                 Mode::Iptables => {
                     for backend in iptables_backends(family) {
                         let bins = Binaries::new(family, backend);

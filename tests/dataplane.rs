@@ -48,7 +48,7 @@ fn may_run() -> bool {
 /// Generates `case::iptables` and `case::nftables` tests, each with optional attributes
 /// (used for temporary `#[ignore]`s while a mode's `kproxy apply` is not merged).
 macro_rules! both_modes {
-    ($case:ident $(, iptables: #[$ia:meta])? $(, nftables: #[$na:meta])?) => {
+    ($case:ident $(, iptables: #[$ia:meta])? $(, nftables: #[$na:meta])? $(, maps: #[$ma:meta])?) => {
         mod $case {
             #[test]
             $(#[$ia])?
@@ -62,6 +62,14 @@ macro_rules! both_modes {
             fn nftables() {
                 if super::may_run() {
                     super::$case(super::Mode::Nftables);
+                }
+            }
+            /// nftables mode with `--nftables-layout=maps`.
+            #[test]
+            $(#[$ma])?
+            fn nftables_maps() {
+                if super::may_run() {
+                    super::$case(super::Mode::NftablesMaps);
                 }
             }
         }
@@ -542,7 +550,7 @@ fn nodeport(mode: Mode) {
                 "localhost NodePort: {got:?}"
             );
         }
-        Mode::Nftables => {
+        Mode::Nftables | Mode::NftablesMaps => {
             // nftables mode never serves NodePorts on loopback.
             let o = bed.exchanges(From::Node, Proto::Tcp, localhost, 1, ANSWER_TIMEOUT);
             assert!(
@@ -1012,7 +1020,7 @@ fn kubeadm_dropin(mode: Mode) {
         ANSWER_TIMEOUT,
     );
     match mode {
-        Mode::Nftables => assert!(
+        Mode::Nftables | Mode::NftablesMaps => assert!(
             o[0].reply().is_none(),
             "nftables mode defaults to nodePortAddresses=primary: {secondary}:{np} must not be served, got {}",
             o[0]
@@ -1033,9 +1041,11 @@ both_modes!(kubeadm_dropin);
 // removed, and traffic follows only the new mode's rules. `mode` is the new mode.
 
 fn mode_switch(mode: Mode) {
+    // The maps layout switches from upstream's nftables table (a layout switch).
     let old = match mode {
         Mode::Iptables => Mode::Nftables,
         Mode::Nftables => Mode::Iptables,
+        Mode::NftablesMaps => Mode::Nftables,
     };
     let bed = Bed::builder(mode).local_pods(&["pod-a", "pod-b"]).build();
     let (gone, web) = (service_ip(61, false), service_ip(62, false));
@@ -1073,7 +1083,7 @@ fn mode_switch(mode: Mode) {
                 );
             }
         }
-        Mode::Nftables => {
+        Mode::Nftables | Mode::NftablesMaps => {
             let tables = bed.node_sh("nft list tables").unwrap_or_default();
             assert!(
                 !tables.contains("kube-proxy"),

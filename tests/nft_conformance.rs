@@ -2,6 +2,8 @@
 //! ruleset, the TestSyncProxyRulesRepeated sequence with upstream's operation counts,
 //! and the element assertions, compared after upstream's normalization.
 
+#[path = "support/cluster_gen.rs"]
+mod cluster_gen;
 #[path = "support/vectors.rs"]
 mod vectors;
 
@@ -374,6 +376,308 @@ mod flows {
             "{} of {flows} differ:\n{}",
             failures.len(),
             failures.join("\n")
+        );
+    }
+}
+
+/// The `maps` layout (`--nftables-layout=maps`) through the tracer: every upstream
+/// nftables flow vector's expectation, and every iptables one wherever upstream's own
+/// nftables layout agrees with iptables (where the two upstream modes differ — e.g.
+/// localhost NodePorts exist only in iptables mode — the maps layout must do what
+/// upstream's nftables layout does).
+mod maps_flows {
+    use crate::vectors::{
+        nft_check_flows, nft_local_ips, nft_settings, nft_vector_dirs, s, settings_for, state_for,
+        vector_dirs, yaml,
+    };
+    use kproxy::model::{NodeContext, ProxyState};
+    use kproxy::nftables::maps::MapsRenderer;
+    use kproxy::nftables::render::{NftRenderer, RenderOptions};
+    use kproxy::nftables::text::transaction_text;
+    use kproxy::snapshot;
+    use kproxy::trace::nftables::{Packet, Table};
+    use serde_json::Value;
+    use std::fs;
+    use std::net::IpAddr;
+
+    fn maps_table(settings: &kproxy::config::FamilySettings, ps: &ProxyState) -> Table {
+        let text = transaction_text(&MapsRenderer::new(settings.clone()).render_full(ps));
+        Table::parse(&text).unwrap_or_else(|e| panic!("maps layout does not parse: {e}\n{text}"))
+    }
+
+    #[test]
+    fn upstream_nftables_flows_through_the_maps_layout() {
+        let mut failures = Vec::new();
+        let mut flows = 0;
+        for dir in nft_vector_dirs()
+            .into_iter()
+            .filter(|d| d.join("flows.yaml").exists())
+        {
+            let cfg = yaml(&dir.join("config.yaml"));
+            let (settings, cidrs) = nft_settings(&cfg);
+            let mut state =
+                snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
+                    .unwrap()
+                    .state;
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local = nft_local_ips(&spec);
+            let node = NodeContext {
+                name: settings.node_name.clone(),
+                zone: None,
+                prefer_same_node: true,
+            };
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                for d in phase["deleteEndpointSlices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    let (ns, name) = match d {
+                        Value::String(s) => {
+                            let (ns, n) = s.split_once('/').unwrap();
+                            (ns.to_string(), n.to_string())
+                        }
+                        _ => (
+                            d["namespace"].as_str().unwrap().to_string(),
+                            d["name"].as_str().unwrap().to_string(),
+                        ),
+                    };
+                    assert!(state.remove_slice(&ns, &name), "{}", dir.display());
+                }
+                let mut ps = state.proxy_state(settings.family, &node);
+                ps.service_cidrs = cidrs.clone();
+                let table = maps_table(&settings, &ps);
+                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
+            }
+        }
+        eprintln!("maps layout: {flows} upstream nftables flows");
+        assert!(flows >= 50, "only {flows}");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    #[test]
+    fn upstream_iptables_flows_through_the_maps_layout() {
+        let mut failures = Vec::new();
+        let (mut flows, mut as_iptables, mut as_nft_upstream) = (0, 0, 0);
+        for dir in vector_dirs() {
+            if !dir.join("flows.yaml").exists() || dir.join("input-rules.iptables").exists() {
+                continue;
+            }
+            let spec = yaml(&dir.join("flows.yaml"));
+            let local: Vec<IpAddr> = spec["tracer_local_ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect();
+            let cfg = yaml(&dir.join("config.yaml"));
+            let settings = settings_for(&cfg);
+            let (mut state, node) = state_for(&dir, &cfg);
+            for phase in spec["phases"].as_array().into_iter().flatten() {
+                for action in phase["apply_before_flows"].as_array().into_iter().flatten() {
+                    if let Some(d) = action.get("delete") {
+                        let (ns, name) = (s(d, "namespace").unwrap(), s(d, "name").unwrap());
+                        let removed = match s(d, "kind") {
+                            Some("Service") => state.remove_service(ns, name),
+                            _ => state.remove_slice(ns, name),
+                        };
+                        assert!(removed, "{}: nothing to delete for {d}", dir.display());
+                    }
+                }
+                let ps = state.proxy_state(settings.family, &node);
+                let maps = maps_table(&settings, &ps);
+                let upstream = Table::parse(&transaction_text(
+                    &NftRenderer::new(settings.clone())
+                        .render(&ps, &RenderOptions::default())
+                        .main,
+                ))
+                .unwrap();
+                for flow in phase["flows"].as_array().into_iter().flatten() {
+                    flows += 1;
+                    let pkt = Packet {
+                        src: s(flow, "source_ip").unwrap().parse().unwrap(),
+                        dst: s(flow, "dest_ip").unwrap().parse().unwrap(),
+                        dport: flow["dest_port"].as_u64().unwrap() as u16,
+                        proto: s(flow, "protocol").unwrap_or("TCP").to_lowercase(),
+                        from_node: false,
+                    };
+                    let want = (
+                        s(flow, "output").unwrap_or_default().to_string(),
+                        flow["masq"].as_bool().unwrap_or(false),
+                    );
+                    let got = maps.trace(&pkt, &local);
+                    let got = (got.output(), got.masquerade);
+                    if got == want {
+                        as_iptables += 1;
+                        continue;
+                    }
+                    let up = upstream.trace(&pkt, &local);
+                    let up = (up.output(), up.masquerade);
+                    if up != want && got == up {
+                        as_nft_upstream += 1;
+                        continue;
+                    }
+                    failures.push(format!(
+                        "{} [{}] {}: maps {got:?}, iptables {want:?}, upstream nftables {up:?}",
+                        dir.file_name().unwrap().to_string_lossy(),
+                        s(phase, "name").unwrap_or_default(),
+                        s(flow, "name").unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        eprintln!(
+            "maps layout: {flows} upstream iptables flows, {as_iptables} as iptables expects, \
+             {as_nft_upstream} where upstream's nftables mode differs from iptables and maps does as nftables"
+        );
+        assert!(flows >= 50, "only {flows}");
+        assert!(
+            failures.is_empty(),
+            "{} of {flows} differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}
+
+/// Property: over random clusters (the generator the partial-sync property uses), for
+/// sampled packets — pods, the Services' own endpoints (hairpin), allowed and
+/// refused outside sources and the node itself, to every ClusterIP, NodePort and
+/// load-balancer IP, an unused port and an unallocated ServiceCIDR address — the
+/// maps layout and upstream's layout give the same endpoint sets with the same
+/// probabilities (exactly 1/N each), the same masquerade decision and the same
+/// drop/reject/accept/no-service outcome.
+mod maps_props {
+    use crate::cluster_gen::{mutate, node, settings, Lcg};
+    use kproxy::model::{ClusterState, IpFamily, ProxyState};
+    use kproxy::nftables::maps::MapsRenderer;
+    use kproxy::nftables::render::{NftRenderer, RenderOptions};
+    use kproxy::nftables::text::transaction_text;
+    use kproxy::trace::core::{Outcome, Trace};
+    use kproxy::trace::nftables::{Packet, Table};
+    use std::net::IpAddr;
+
+    /// What must agree: the outcome without its reasons, the endpoints with their
+    /// probabilities, masquerade, and upstream's one-line output.
+    fn summary(t: &Trace) -> (String, Vec<(String, f64)>, bool, String) {
+        let kind = match t.outcome() {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Accepted { .. } => "accepted",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Dropped { .. } => "dropped",
+            Outcome::NotService => "not-service",
+            Outcome::Unknown { .. } => "unknown",
+        };
+        let eps = t
+            .endpoints
+            .iter()
+            .map(|d| (d.destination.clone(), (d.probability * 1e9).round() / 1e9))
+            .collect();
+        (kind.to_string(), eps, t.masquerade, t.output())
+    }
+
+    fn packets(ps: &ProxyState) -> Vec<Packet> {
+        let node_ip: IpAddr = "192.168.0.2".parse().unwrap();
+        let mut dests: Vec<(IpAddr, u16, String)> =
+            vec![("172.30.0.250".parse().unwrap(), 80, "tcp".to_string())];
+        let mut sources: Vec<IpAddr> = ["10.0.99.9", "203.0.113.5", "203.0.113.200"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        for p in &ps.ports {
+            let proto = p.svc.name.protocol.lower().to_string();
+            dests.push((p.svc.cluster_ip, p.svc.port, proto.clone()));
+            dests.push((p.svc.cluster_ip, 9999, proto.clone()));
+            if p.svc.node_port != 0 {
+                dests.push((node_ip, p.svc.node_port, proto.clone()));
+            }
+            for ip in p.svc.lb_ips.iter().chain(&p.svc.external_ips) {
+                dests.push((*ip, p.svc.port, proto.clone()));
+            }
+            sources.extend(p.endpoints.first().map(|e| e.ip));
+        }
+        sources.sort();
+        sources.dedup();
+        let mut out = Vec::new();
+        for (dst, dport, proto) in &dests {
+            for src in &sources {
+                out.push(Packet {
+                    src: *src,
+                    dst: *dst,
+                    dport: *dport,
+                    proto: proto.clone(),
+                    from_node: false,
+                });
+            }
+            out.push(Packet {
+                src: node_ip,
+                dst: *dst,
+                dport: *dport,
+                proto: proto.clone(),
+                from_node: true,
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn maps_layout_equals_upstream_layout_on_random_clusters() {
+        let local: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
+        let (mut packets_checked, mut delivered, mut states, mut masq) = (0usize, 0, 0, 0);
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for seed in 1..=25u64 {
+            let mut rng = Lcg(seed * 104_729);
+            let mut state = ClusterState::new();
+            for step in 0..20 {
+                mutate(&mut rng, &mut state);
+                let fs = settings(IpFamily::V4);
+                let mut ps = state.proxy_state(IpFamily::V4, &node());
+                ps.service_cidrs = vec!["172.30.0.0/16".parse().unwrap()];
+                let upstream = Table::parse(&transaction_text(
+                    &NftRenderer::new(fs.clone())
+                        .render(&ps, &RenderOptions::default())
+                        .main,
+                ))
+                .unwrap();
+                let maps_text = transaction_text(&MapsRenderer::new(fs).render_full(&ps));
+                let maps = Table::parse(&maps_text).unwrap();
+                states += 1;
+                for pkt in packets(&ps) {
+                    let want = summary(&upstream.trace(&pkt, &local));
+                    let got = summary(&maps.trace(&pkt, &local));
+                    packets_checked += 1;
+                    assert_ne!(want.0, "unknown", "seed {seed} step {step} {pkt:?}");
+                    assert_eq!(
+                        got, want,
+                        "seed {seed} step {step} {pkt:?}: maps layout (left) vs upstream (right)"
+                    );
+                    masq += usize::from(got.2);
+                    if !got.1.is_empty() {
+                        delivered += 1;
+                        let n = got.1.len() as f64;
+                        for (ep, p) in &got.1 {
+                            assert!(
+                                (p - 1.0 / n).abs() < 1e-9,
+                                "seed {seed} step {step} {pkt:?}: {ep} has {p}, not 1/{n}"
+                            );
+                        }
+                    }
+                    *kinds.entry(got.0.clone()).or_default() += 1;
+                }
+            }
+        }
+        eprintln!(
+            "maps vs upstream: {states} clusters, {packets_checked} packets ({delivered} \
+             delivered, {masq} masqueraded), outcomes {kinds:?}"
+        );
+        assert!(
+            packets_checked > 15_000 && delivered > 1500 && masq > 300,
+            "{packets_checked} / {delivered} / {masq}"
         );
     }
 }

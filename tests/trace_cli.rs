@@ -484,3 +484,44 @@ fn ruleset_or_live_needs_no_snapshot_but_render_does() {
     let (code, _, err) = trace_file("ok2.nft", NFT, "nftables");
     assert_eq!(code, 0, "{err}");
 }
+
+/// `kproxy trace --nftables-layout=maps` renders kproxy's data-map layout and traces
+/// through it: a session-affinity Service reaches all three endpoints (a new client),
+/// an endpoint reaching its own Service is masqueraded (hairpin, decided in
+/// postrouting), another pod is not.
+#[test]
+fn trace_renders_the_maps_layout() {
+    let dir = root().join("testdata/golden/session-affinity");
+    let mut base = strs(&["trace", "--snapshot"]);
+    base.push(dir.join("cluster.yaml").display().to_string());
+    base.extend(
+        fs::read_to_string(dir.join("args"))
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    base.extend(strs(&[
+        "--mode",
+        "nftables",
+        "--nftables-layout",
+        "maps",
+        "--dst",
+        "10.96.80.80",
+        "--dport",
+        "8080",
+        "-o",
+        "json",
+    ]));
+    for (src, masq) in [("10.244.1.91", true), ("10.244.1.50", false)] {
+        let mut args = base.clone();
+        args.extend(strs(&["--src", src]));
+        let (code, out, err) = kproxy(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let r = &v["result"];
+        assert_eq!(r["kind"], "delivered", "{out}");
+        assert_eq!(r["endpoints"].as_array().unwrap().len(), 3, "{out}");
+        assert_eq!(r["masquerade"], masq, "{src}: {out}");
+        assert!(out.contains("ip kproxy"), "{out}");
+    }
+}

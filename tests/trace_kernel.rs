@@ -330,3 +330,107 @@ fn iptables_flows_over_kernel_read_back() {
         failures.join("\n")
     );
 }
+
+/// The maps layout (`--nftables-layout=maps`) read back from the kernel: each upstream
+/// nftables vector's maps-layout table is applied with `nft -f` in a namespace, read
+/// back with `nft list table ip kproxy`, and every flow traced over the listing and
+/// with `kproxy trace --live` must get upstream's answer.
+#[test]
+fn maps_flows_over_kernel_read_back() {
+    if !require_root("maps_flows_over_kernel_read_back") {
+        return;
+    }
+    use kproxy::nftables::maps::MapsRenderer;
+    use kproxy::nftables::text::transaction_text;
+    let mut failures = Vec::new();
+    let mut flows = 0;
+    let ns = Netns::new("trace-maps");
+    for dir in vectors::nft_vector_dirs()
+        .into_iter()
+        .filter(|d| d.join("flows.yaml").exists())
+    {
+        let cfg = yaml(&dir.join("config.yaml"));
+        let (settings, cidrs) = vectors::nft_settings(&cfg);
+        let fam = if settings.family == IpFamily::V6 {
+            "ip6"
+        } else {
+            "ip"
+        };
+        let mut state =
+            snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
+                .unwrap()
+                .state;
+        let spec = yaml(&dir.join("flows.yaml"));
+        let local = vectors::nft_local_ips(&spec);
+        let node = NodeContext {
+            name: settings.node_name.clone(),
+            zone: None,
+            prefer_same_node: true,
+        };
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        for phase in spec["phases"].as_array().into_iter().flatten() {
+            for d in phase["deleteEndpointSlices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let (sns, sname) = match d {
+                    Value::String(s) => {
+                        let (a, b) = s.split_once('/').unwrap();
+                        (a.to_string(), b.to_string())
+                    }
+                    _ => (
+                        d["namespace"].as_str().unwrap().to_string(),
+                        d["name"].as_str().unwrap().to_string(),
+                    ),
+                };
+                assert!(state.remove_slice(&sns, &sname));
+            }
+            let mut ps = state.proxy_state(settings.family, &node);
+            ps.service_cidrs = cidrs.clone();
+            let text = transaction_text(&MapsRenderer::new(settings.clone()).render_full(&ps));
+            let _ = ns.exec_status(&["nft", "delete", "table", fam, "kproxy"]);
+            let (ok, _, err) = ns.exec_stdin(&["nft", "-f", "-"], &text);
+            assert!(ok, "{name}: nft -f refused the maps layout: {err}");
+            let (ok, listing, err) = ns.exec_status(&["nft", "list", "table", fam, "kproxy"]);
+            assert!(ok, "{err}");
+            let table = Table::parse(&listing).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for flow in phase["flows"].as_array().into_iter().flatten() {
+                flows += 1;
+                let pkt = Packet {
+                    src: flow["sourceIP"].as_str().unwrap().parse().unwrap(),
+                    dst: flow["destIP"].as_str().unwrap().parse().unwrap(),
+                    dport: flow["destPort"].as_u64().unwrap() as u16,
+                    proto: flow["protocol"].as_str().unwrap_or("TCP").to_lowercase(),
+                    from_node: false,
+                };
+                let want = flow["output"].as_str().unwrap_or_default();
+                let masq = flow["masquerade"].as_bool().unwrap_or(false);
+                let fname = flow["name"].as_str().unwrap_or_default();
+                let t = table.trace(&pkt, &local);
+                if t.output() != want || t.masquerade != masq {
+                    failures.push(format!(
+                        "{name} {fname} (nft list): got {:?} masq={} want {want:?} masq={masq}",
+                        t.output(),
+                        t.masquerade
+                    ));
+                }
+                if !pkt.dst.is_loopback() && !pkt.src.is_loopback() {
+                    let live = live_result(&ns, "nftables", &pkt, &local);
+                    let listed = serde_json::to_value(t.outcome()).unwrap();
+                    if live != listed {
+                        failures.push(format!("{name} {fname} (--live): {live} != {listed}"));
+                    }
+                }
+            }
+        }
+        let _ = ns.exec_status(&["nft", "delete", "table", fam, "kproxy"]);
+    }
+    assert!(flows >= 50, "only {flows}");
+    assert!(
+        failures.is_empty(),
+        "{} of {flows} differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

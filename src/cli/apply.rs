@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
-use crate::config::Mode;
+use crate::config::{Mode, NftablesLayout};
 use crate::host::Host;
 
 /// `kproxy apply` flags.
@@ -44,6 +44,7 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
     let mode = inputs.config.mode;
     // As the daemon does at start-up: the other mode's rules must not keep routing.
     host.remove_other_mode_leftovers(mode);
+    host.remove_other_layout_leftovers(&inputs.config);
     let mut summary = Vec::new();
     match mode {
         Mode::Iptables => {
@@ -69,6 +70,24 @@ pub fn run_apply(args: &ApplyArgs) -> Result<(), CliError> {
                     family.label(),
                     outcome.operations,
                     outcome.services_written
+                ));
+                reconcile_conntrack(&state);
+            }
+        }
+        Mode::Nftables if inputs.config.nftables_layout == NftablesLayout::Maps => {
+            for mut dp in host.dataplanes(&inputs.config, inputs.families.clone()) {
+                let family = dp.family();
+                let state = inputs.state.proxy_state(family, &inputs.node);
+                dp.sync(&state, true)
+                    .map_err(|e| CliError::failed(format!("nftables apply: {e}")))?;
+                summary.push(format!(
+                    "{}: table {} {}",
+                    family.label(),
+                    match family {
+                        crate::model::IpFamily::V4 => "ip",
+                        crate::model::IpFamily::V6 => "ip6",
+                    },
+                    crate::nftables::maps::TABLE
                 ));
                 reconcile_conntrack(&state);
             }

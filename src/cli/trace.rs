@@ -12,9 +12,10 @@ use clap::Args;
 
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
-use crate::config::Mode;
+use crate::config::{Mode, NftablesLayout};
 use crate::iptables::render::{RenderOptions, Renderer};
 use crate::model::IpFamily;
+use crate::nftables::maps::MapsRenderer;
 use crate::nftables::render::{NftRenderer, RenderOptions as NftRenderOptions};
 use crate::trace::core::{Packet, Trace};
 use crate::trace::iptables::Ruleset;
@@ -120,9 +121,17 @@ fn live_rules(mode: Option<Mode>, family: IpFamily) -> Result<(Mode, Rules), Cli
             })?;
             return Ok((Mode::Nftables, Rules::Nftables(t)));
         }
+        // The maps layout's table, as the kernel lists it (its data maps and
+        // `numgen` keys are read from the text listing).
+        let maps = crate::nftables::maps::TABLE;
+        if let Some(text) = run_tool("nft", &["list", "table", fam, maps]) {
+            let t = NftTable::parse_for(&text, Some(fam))
+                .map_err(|e| CliError::failed(format!("nft list table {fam} {maps}: {e}")))?;
+            return Ok((Mode::Nftables, Rules::Nftables(t)));
+        }
         if mode == Some(Mode::Nftables) {
             return Err(CliError::failed(format!(
-                "no nftables table {fam} kube-proxy in this network namespace"
+                "no nftables table {fam} kube-proxy or {fam} {maps} in this network namespace"
             )));
         }
     }
@@ -255,6 +264,7 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         crate::memory::log_phase("inputs loaded");
         let state = inputs.state.proxy_state(family, &inputs.node);
         let mode = inputs.config.mode;
+        let layout = inputs.config.nftables_layout;
         // The peak is what is alive at once: the model and the proxy state while
         // rendering, the rendered form while it becomes text, the text while it is
         // parsed. So each is dropped as soon as the next exists (10k Services × 10
@@ -262,6 +272,12 @@ pub fn run(args: &TraceArgs) -> Result<(), CliError> {
         drop(inputs);
         crate::memory::log_phase("proxy state");
         let text = match mode {
+            Mode::Nftables if layout == NftablesLayout::Maps => {
+                let tx = MapsRenderer::new(settings).render_full(&state);
+                drop(state);
+                crate::memory::release_free_memory();
+                crate::nftables::text::transaction_into_text(tx)
+            }
             Mode::Nftables => {
                 let tx = NftRenderer::new(settings)
                     .render(&state, &NftRenderOptions::default())

@@ -137,6 +137,11 @@ fn typeof_expr(f: Family, t: DataType) -> String {
         DataType::InetProto => "meta l4proto".into(),
         DataType::InetService => "th dport".into(),
         DataType::Integer => "numgen random mod 1".into(),
+        // nft 1.0.6 cannot read `ip daddr . th dport` back from the kernel when a new
+        // rule names the map ("conflicting protocols specified: ip vs. th"); `tcp
+        // dport` would avoid that but makes nft add `meta l4proto tcp` to the rule.
+        // The maps layout therefore writes rules naming a data map only together with
+        // the map (see `maps::layout::LbClass::balance_chain`).
         DataType::AddrPort(_) => format!("{} . th dport", field(f, Field::Daddr)),
         DataType::Verdict => "verdict".into(),
     }

@@ -65,6 +65,9 @@ pub(crate) enum Mode {
     Iptables,
     /// `--mode nftables`
     Nftables,
+    /// `--mode nftables --nftables-layout maps` (kproxy's data-map layout, table
+    /// `kproxy`).
+    NftablesMaps,
 }
 
 impl Mode {
@@ -72,7 +75,23 @@ impl Mode {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Iptables => "iptables",
-            Mode::Nftables => "nftables",
+            Mode::Nftables | Mode::NftablesMaps => "nftables",
+        }
+    }
+
+    /// The flags that select the nftables layout (none for upstream's).
+    pub fn layout_args(self) -> &'static [&'static str] {
+        match self {
+            Mode::NftablesMaps => &["--nftables-layout", "maps"],
+            _ => &[],
+        }
+    }
+
+    /// A name for messages (`nftables-maps` for the maps layout).
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::NftablesMaps => "nftables-maps",
+            m => m.as_str(),
         }
     }
 }
@@ -575,6 +594,7 @@ impl Bed {
             .arg("--snapshot")
             .arg(&snap_path)
             .args(["--mode", mode.as_str()])
+            .args(mode.layout_args())
             .arg("--config")
             .arg(&cfg_path)
             .args(["--hostname-override", NODE])
@@ -585,7 +605,7 @@ impl Bed {
                 .args(["--local-address", "::1/128"]);
         }
         cmd.args(extra);
-        let shown = format!("kproxy apply --mode {} (snapshot #{n})", mode.as_str());
+        let shown = format!("kproxy apply --mode {} (snapshot #{n})", mode.label());
         let result = netns::run(&mut cmd);
         let _ = std::fs::remove_file(&snap_path);
         let _ = std::fs::remove_file(&cfg_path);
@@ -599,6 +619,15 @@ impl Bed {
             ));
         }
         if out.status.success() {
+            if mode == Mode::NftablesMaps {
+                // The case must really run on the maps layout's table.
+                let tables = self.node_sh("nft list tables").unwrap_or_default();
+                if !tables.contains(" kproxy") || tables.contains("kube-proxy") {
+                    return Err(format!(
+                        "{shown}: expected only the kproxy table(s), got:\n{tables}"
+                    ));
+                }
+            }
             Ok(())
         } else {
             Err(format!(
@@ -626,6 +655,7 @@ impl Bed {
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(["--proxy-mode", self.mode.as_str()])
+            .args(self.mode.layout_args())
             .args(["--hostname-override", NODE])
             .args(["--cluster-cidr", CLUSTER_CIDR_V4])
             .args(["--healthz-bind-address", "127.0.0.1:10256"])
@@ -657,7 +687,7 @@ impl Bed {
         let kubeadm = include_str!("../../testdata/config/kubeadm-config.conf");
         let mode = match self.mode {
             Mode::Iptables => "\"\"",
-            Mode::Nftables => "nftables",
+            Mode::Nftables | Mode::NftablesMaps => "nftables",
         };
         let config = kubeadm
             .replace(
@@ -669,6 +699,13 @@ impl Bed {
                 "clusterCIDR: 10.244.0.0/16",
                 &format!("clusterCIDR: {CLUSTER_CIDR_V4}"),
             );
+        // The maps layout through the config file's kproxy section (upstream's lenient
+        // decoding ignores it).
+        let config = if self.mode == Mode::NftablesMaps {
+            format!("{config}\nkproxy:\n  nftablesLayout: maps\n")
+        } else {
+            config
+        };
         let config_path = dir.join("config.conf");
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
         let binary = dir.join("kube-proxy");
@@ -909,7 +946,9 @@ impl Bed {
                     dump("ip6tables-save", "ip6tables-save", &[]);
                 }
             }
-            Mode::Nftables => dump("nft list ruleset", "nft", &["list", "ruleset"]),
+            Mode::Nftables | Mode::NftablesMaps => {
+                dump("nft list ruleset", "nft", &["list", "ruleset"])
+            }
         }
         dump("conntrack -L", "conntrack", &["-L"]);
         out

@@ -99,9 +99,25 @@ impl LbClass {
         format!("lb-{}-{n}", self.stem())
     }
 
-    /// The data map `dest . index -> endpoint addr . port`.
-    pub(crate) fn backends(self) -> String {
-        format!("backends-{}", self.stem())
+    /// The data map `dest . index -> endpoint addr . port` of destinations with `n`
+    /// endpoints.
+    pub(crate) fn backends(self, n: u32) -> String {
+        format!("backends-{}-{n}", self.stem())
+    }
+
+    /// The chain holding the one DNAT rule for destinations with `n` endpoints. Each N
+    /// has its own chain and map so that a new N adds objects that reference only new
+    /// objects: nft 1.0.6 cannot add a rule that names a `typeof … th dport` data map
+    /// already in the kernel (it fails reading the map's description back), so rules
+    /// naming a data map are only ever written together with that map.
+    pub(crate) fn balance_chain(self, n: u32) -> String {
+        format!("balance-{}-{n}", self.stem())
+    }
+
+    /// The verdict map `dest : goto service-…` of session-affinity ports
+    /// (see [`super::affinity`]).
+    pub(crate) fn affinity_map(self) -> String {
+        format!("affinity-{}", self.stem())
     }
 }
 
@@ -320,21 +336,19 @@ impl<'a> Layout<'a> {
             ));
         }
         for class in LbClass::ALL {
-            let dest = if class.is_nodeport() {
+            let key = if class.is_nodeport() {
                 pp.clone()
             } else {
                 ipp.clone()
             };
-            let mut key = dest;
-            key.push(DataType::Integer);
             out.push(Set {
-                name: class.backends(),
+                name: class.affinity_map(),
                 is_map: true,
                 key,
-                value: Some(DataType::AddrPort(self.family())),
+                value: Some(DataType::Verdict),
                 flags: vec![],
                 timeout: None,
-                comment: Some("destination . index -> endpoint".into()),
+                comment: Some("session-affinity destinations".into()),
             });
         }
         for (class, n) in counts {
@@ -345,12 +359,73 @@ impl<'a> Layout<'a> {
             };
             out.push(set(
                 &class.gate(*n),
-                key,
+                key.clone(),
                 vec![],
                 "destinations with N endpoints",
             ));
+            out.push(self.backends_map(*class, *n, key));
         }
         out
+    }
+
+    /// The data map of `class` and `n`, keyed `dest` + index.
+    fn backends_map(&self, class: LbClass, n: u32, mut key: Vec<DataType>) -> Set {
+        key.push(DataType::Integer);
+        Set {
+            name: class.backends(n),
+            is_map: true,
+            key,
+            value: Some(DataType::AddrPort(self.family())),
+            flags: vec![],
+            timeout: None,
+            comment: Some("destination . index -> endpoint".into()),
+        }
+    }
+
+    /// The data maps in use (re-created by a full sync, see [`LbClass::balance_chain`]).
+    pub(crate) fn backends_maps(&self, counts: &Counts) -> Vec<Set> {
+        let ipp = vec![self.addr(), DataType::InetProto, DataType::InetService];
+        let pp = vec![DataType::InetProto, DataType::InetService];
+        counts
+            .iter()
+            .map(|(class, n)| {
+                let key = if class.is_nodeport() {
+                    pp.clone()
+                } else {
+                    ipp.clone()
+                };
+                self.backends_map(*class, *n, key)
+            })
+            .collect()
+    }
+
+    /// The balance chains in use.
+    pub(crate) fn balance_chains(&self, counts: &Counts) -> Vec<Chain> {
+        counts
+            .iter()
+            .map(|(class, n)| Chain {
+                name: class.balance_chain(*n),
+                base: None,
+                comment: None,
+            })
+            .collect()
+    }
+
+    /// The one rule of a balance chain: DNAT to index `numgen random mod N`.
+    pub(crate) fn balance_rule(&self, class: LbClass, n: u32) -> Op {
+        let key = if class.is_nodeport() {
+            pp_key()
+        } else {
+            ipp_key()
+        };
+        rule(
+            &class.balance_chain(n),
+            vec![Expr::DnatMap {
+                key,
+                numgen_mod: Some(n),
+                map: class.backends(n),
+            }],
+        )
     }
 
     /// Base chains and regular chains, in creation order.
@@ -404,7 +479,8 @@ impl<'a> Layout<'a> {
         out
     }
 
-    /// Every rule, for the endpoint counts in use and the ServiceCIDRs.
+    /// Every rule of the fixed chains (not the balance chains), for the endpoint
+    /// counts in use and the ServiceCIDRs.
     pub(crate) fn rules(&self, counts: &Counts, service_cidrs: &[IpNet]) -> Vec<Op> {
         let mark = Expr::MarkOr(self.settings.masquerade_mark);
         let mut out = Vec::new();
@@ -559,16 +635,23 @@ impl<'a> Layout<'a> {
                 [LbClass::ExtLocalIps, LbClass::Ips]
             };
             for class in classes {
+                let ext_local = matches!(class, LbClass::ExtLocalIps | LbClass::ExtLocalNodePorts);
+                // Session-affinity ports first: their own chains (never in a gate set).
+                let mut e = Vec::new();
+                if ext_local {
+                    e.extend(outside());
+                }
+                e.push(Expr::Vmap {
+                    key: key.clone(),
+                    map: class.affinity_map(),
+                });
+                out.push(r(e));
                 for (_, n) in counts.iter().filter(|(c, _)| *c == class) {
                     let mut e = vec![lookup(key.clone(), &class.gate(*n))];
-                    if matches!(class, LbClass::ExtLocalIps | LbClass::ExtLocalNodePorts) {
+                    if ext_local {
                         e.extend(outside());
                     }
-                    e.push(Expr::DnatMap {
-                        key: key.clone(),
-                        numgen_mod: Some(*n),
-                        map: class.backends(),
-                    });
+                    e.push(Expr::Verdict(Verdict::Jump(class.balance_chain(*n))));
                     out.push(r(e));
                 }
             }
@@ -603,13 +686,25 @@ impl<'a> Layout<'a> {
         for s in self.sets(counts) {
             tx.push(Op::AddSet(s));
         }
-        for c in self.chains() {
+        for c in self.chains().into_iter().chain(self.balance_chains(counts)) {
             let name = c.name.clone();
             tx.push(Op::AddChain(c));
             tx.push(Op::FlushChain(name));
         }
+        // Nothing names the data maps now: re-create them, so that the rules below
+        // name maps written in this transaction (their elements are re-added anyway).
+        for m in self.backends_maps(counts) {
+            tx.push(Op::DeleteSet {
+                name: m.name.clone(),
+                is_map: true,
+            });
+            tx.push(Op::AddSet(m));
+        }
         for r in self.rules(counts, service_cidrs) {
             tx.push(r);
+        }
+        for (class, n) in counts {
+            tx.push(self.balance_rule(*class, *n));
         }
         if self.nodeport_ips().is_none() {
             // After a switch from listed addresses to all the set must go; the rules

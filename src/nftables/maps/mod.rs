@@ -10,6 +10,7 @@
 //! numgen random mod N map @backends-ips`, one rule per N in use; the gate set keeps
 //! a destination with M != N endpoints from matching rule N.
 
+pub(crate) mod affinity;
 pub mod dataplane;
 pub mod layout;
 pub mod render;

@@ -15,7 +15,10 @@ use super::layout::{
 };
 use crate::config::{FamilySettings, LocalDetector};
 use crate::model::{PortFlags, PortPlan, ProxyState};
-use crate::nftables::transaction::{Element, KeyValue, Op, Transaction};
+use crate::nftables::transaction::{
+    AddrMatch, Chain, DataType, Element, Expr, Family, KeyValue, Op, Rule, Set, SetFlag,
+    Transaction, Verdict,
+};
 
 /// An element's identity: its container and key.
 pub(crate) type ElementKey = (String, Vec<KeyValue>);
@@ -27,6 +30,12 @@ pub struct Desired {
     pub(crate) counts: Counts,
     pub(crate) service_cidrs: Vec<IpNet>,
     pub(crate) elements: BTreeMap<ElementKey, Vec<KeyValue>>,
+    /// Verdict-map elements (`affinity-<class>`: dest -> goto the port's chain).
+    pub(crate) verdicts: BTreeMap<ElementKey, Verdict>,
+    /// Session-affinity ports' own chains, by name: each rule's expressions.
+    pub(crate) chains: BTreeMap<String, Vec<Vec<Expr>>>,
+    /// Their dynamic `affinity-<endpoint>` sets: name -> timeout in seconds.
+    pub(crate) affinity_sets: BTreeMap<String, u32>,
 }
 
 impl Desired {
@@ -49,6 +58,46 @@ fn element(set: &str, key: &[KeyValue], data: &[KeyValue]) -> Element {
         comment: None,
         value: None,
         data: data.to_vec(),
+    }
+}
+
+fn verdict_element(set: &str, key: &[KeyValue], verdict: &Verdict) -> Element {
+    Element {
+        set: set.to_string(),
+        key: key.to_vec(),
+        comment: None,
+        value: Some(verdict.clone()),
+        data: Vec::new(),
+    }
+}
+
+fn affinity_set(family: Family, name: &str, timeout: u32) -> Set {
+    Set {
+        name: name.to_string(),
+        is_map: false,
+        key: vec![DataType::addr(family)],
+        value: None,
+        flags: vec![SetFlag::Dynamic, SetFlag::Timeout],
+        timeout: Some(timeout),
+        comment: None,
+    }
+}
+
+fn chain(name: &str) -> Chain {
+    Chain {
+        name: name.to_string(),
+        base: None,
+        comment: None,
+    }
+}
+
+fn chain_rules(tx: &mut Transaction, name: &str, rules: &[Vec<Expr>]) {
+    for exprs in rules {
+        tx.push(Op::AddRule(Rule {
+            chain: name.to_string(),
+            exprs: exprs.clone(),
+            comment: None,
+        }));
     }
 }
 
@@ -104,9 +153,23 @@ impl MapsRenderer {
                 is_map: s.is_map,
             });
         }
+        // Affinity ports' sets keep their clients across a full sync (as upstream's).
+        for (name, timeout) in &d.affinity_sets {
+            tx.push(Op::AddSet(affinity_set(layout.family(), name, *timeout)));
+        }
+        for name in d.chains.keys() {
+            tx.push(Op::AddChain(chain(name)));
+            tx.push(Op::FlushChain(name.clone()));
+        }
+        for (name, rules) in &d.chains {
+            chain_rules(&mut tx, name, rules);
+        }
         tx.mark_cut();
         for ((set, key), data) in &d.elements {
             tx.push(Op::AddElement(element(set, key, data)));
+        }
+        for ((set, key), verdict) in &d.verdicts {
+            tx.push(Op::AddElement(verdict_element(set, key, verdict)));
         }
         tx
     }
@@ -121,14 +184,41 @@ impl MapsRenderer {
         let mut tx = Transaction::new(layout.family(), TABLE);
         let rules_change = old.counts != new.counts || old.service_cidrs != new.service_cidrs;
         if rules_change {
+            // A new N: its gate set, data map and balance chain (whose rule names only
+            // the map written here).
+            // Leftovers of an earlier run with this N are emptied and re-created first.
             for (class, n) in new.counts.difference(&old.counts) {
-                if let Some(s) = layout
+                let chain = class.balance_chain(*n);
+                tx.push(Op::AddChain(Chain {
+                    name: chain.clone(),
+                    base: None,
+                    comment: None,
+                }));
+                tx.push(Op::FlushChain(chain));
+                for s in layout
                     .sets(&new.counts)
                     .into_iter()
-                    .find(|s| s.name == class.gate(*n))
+                    .filter(|s| s.name == class.gate(*n) || s.name == class.backends(*n))
                 {
+                    if s.is_map {
+                        tx.push(Op::AddSet(s.clone()));
+                        tx.push(Op::DeleteSet {
+                            name: s.name.clone(),
+                            is_map: true,
+                        });
+                    }
                     tx.push(Op::AddSet(s));
                 }
+                tx.push(layout.balance_rule(*class, *n));
+            }
+        }
+        // An affinity set whose timeout changes is re-created (after the rules
+        // naming it are flushed below); new ones exist before any rule names them.
+        let set_changed =
+            |name: &str, t: &u32| old.affinity_sets.get(name).is_some_and(|old_t| old_t != t);
+        for (name, t) in &new.affinity_sets {
+            if !old.affinity_sets.contains_key(name) {
+                tx.push(Op::AddSet(affinity_set(layout.family(), name, *t)));
             }
         }
         // Deletions first: an element whose value changes is deleted, then re-added.
@@ -137,9 +227,69 @@ impl MapsRenderer {
                 tx.push(Op::DeleteElement(element(&k.0, &k.1, data)));
             }
         }
+        for (k, v) in &old.verdicts {
+            if new.verdicts.get(k) != Some(v) {
+                tx.push(Op::DeleteElement(verdict_element(&k.0, &k.1, v)));
+            }
+        }
+        // Affinity chains: every changed or removed one is flushed before any is
+        // deleted (they name each other), then the new contents are written.
+        let touched = |name: &String| {
+            let rules = new.chains.get(name);
+            rules != old.chains.get(name)
+                || rules.is_some_and(|r| {
+                    r.iter().flatten().any(|e| match e {
+                        Expr::UpdateSaddr { set }
+                        | Expr::Addr {
+                            value: AddrMatch::Set(set),
+                            ..
+                        } => new
+                            .affinity_sets
+                            .get(set)
+                            .is_some_and(|t| set_changed(set, t)),
+                        _ => false,
+                    })
+                })
+        };
+        let flushed: Vec<&String> = old.chains.keys().filter(|n| touched(n)).collect();
+        for name in &flushed {
+            tx.push(Op::FlushChain((*name).clone()));
+        }
+        for name in old.chains.keys() {
+            if !new.chains.contains_key(name) {
+                tx.push(Op::DeleteChain(name.clone()));
+            }
+        }
+        for (name, t) in &old.affinity_sets {
+            let changed = new.affinity_sets.get(name).filter(|nt| *nt != t);
+            if !new.affinity_sets.contains_key(name) || changed.is_some() {
+                tx.push(Op::DeleteSet {
+                    name: name.clone(),
+                    is_map: false,
+                });
+            }
+            if let Some(nt) = changed {
+                tx.push(Op::AddSet(affinity_set(layout.family(), name, *nt)));
+            }
+        }
+        for name in new.chains.keys() {
+            if !old.chains.contains_key(name) {
+                tx.push(Op::AddChain(chain(name)));
+            }
+        }
+        for (name, rules) in &new.chains {
+            if !old.chains.contains_key(name) || touched(name) {
+                chain_rules(&mut tx, name, rules);
+            }
+        }
         for (k, data) in &new.elements {
             if old.elements.get(k) != Some(data) {
                 tx.push(Op::AddElement(element(&k.0, &k.1, data)));
+            }
+        }
+        for (k, v) in &new.verdicts {
+            if old.verdicts.get(k) != Some(v) {
+                tx.push(Op::AddElement(verdict_element(&k.0, &k.1, v)));
             }
         }
         if rules_change {
@@ -150,6 +300,12 @@ impl MapsRenderer {
                 tx.push(r);
             }
             for (class, n) in old.counts.difference(&new.counts) {
+                tx.push(Op::FlushChain(class.balance_chain(*n)));
+                tx.push(Op::DeleteChain(class.balance_chain(*n)));
+                tx.push(Op::DeleteSet {
+                    name: class.backends(*n),
+                    is_map: true,
+                });
                 tx.push(Op::DeleteSet {
                     name: class.gate(*n),
                     is_map: false,
@@ -163,14 +319,21 @@ impl MapsRenderer {
         !matches!(self.settings.local_detector, LocalDetector::None)
     }
 
-    /// Places `list` (endpoint indices) behind destination `dest` in `class`.
+    /// Places `list` (endpoint indices) behind destination `dest` in `class`: in the
+    /// load-balancing maps, or for a session-affinity port in its own chains (`local`:
+    /// the list is the local-policy one).
     fn balance(
         d: &mut Desired,
         class: LbClass,
         dest: &[KeyValue],
         port: &PortPlan,
         list: &[usize],
+        local: bool,
     ) {
+        if let Some(timeout) = port.svc.affinity_timeout {
+            super::affinity::place(d, class, dest, port, list, local, timeout);
+            return;
+        }
         let Ok(n) = u32::try_from(list.len()) else {
             return;
         };
@@ -189,7 +352,7 @@ impl MapsRenderer {
             let mut key = dest.to_vec();
             key.push(KeyValue::Index(idx));
             d.add(
-                &class.backends(),
+                &class.backends(n),
                 key,
                 vec![KeyValue::Ip(ep.ip), KeyValue::Port(ep.port)],
             );
@@ -225,7 +388,7 @@ impl MapsRenderer {
             } else {
                 &sel.cluster
             };
-            Self::balance(d, LbClass::Ips, &cip, port, list);
+            Self::balance(d, LbClass::Ips, &cip, port, list, svc.internal_policy_local);
             if self.settings.masquerade_all {
                 d.add(MASQ_IPS, cip.clone(), vec![]);
             } else if self.has_detector() {
@@ -256,7 +419,7 @@ impl MapsRenderer {
                     (LbClass::Ips, LbClass::ExtLocalIps)
                 };
                 // Pod and node-local sources always use the cluster list.
-                Self::balance(d, cluster_class, &dest, port, &sel.cluster);
+                Self::balance(d, cluster_class, &dest, port, &sel.cluster, false);
                 if svc.external_policy_local {
                     let etp = if nodeport {
                         ETP_LOCAL_NODEPORTS
@@ -265,7 +428,7 @@ impl MapsRenderer {
                     };
                     d.add(etp, dest.clone(), vec![]);
                     if flags.has_external {
-                        Self::balance(d, local_class, &dest, port, &sel.local);
+                        Self::balance(d, local_class, &dest, port, &sel.local, true);
                     } else {
                         let none = if nodeport {
                             EXT_LOCAL_NONE_NODEPORTS
