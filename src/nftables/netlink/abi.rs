@@ -68,3 +68,7 @@ pub(super) const TYPE_INET_SERVICE: u32 = 13;
 /// udata TLV types nft uses for comments.
 pub(super) const UDATA_COMMENT: u8 = 0;
 pub(super) const UDATA_SET_COMMENT: u8 = 7;
+pub(super) const NFT_CT_STATUS: u32 = 2;
+/// `IPS_DST_NAT`: the connection's destination was NATed (`ct status dnat`).
+pub(super) const IPS_DST_NAT: u32 = 0x20;
+pub(super) const NFT_SET_CONCAT: u32 = 0x80;
