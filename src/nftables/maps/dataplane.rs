@@ -1,66 +1,41 @@
-//! Applies the maps layout with `nft -f -` (upstream's own way of talking to the
-//! kernel; the netlink encoder does not write data maps yet), one atomic transaction
-//! per sync. A full sync rewrites the table; a partial sync sends only the element
-//! differences against what the last successful sync applied (and, when the endpoint
-//! counts in use change, the rules).
-
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+//! Applies the maps layout over netlink (an [`NftInterface`]: the kernel, or the
+//! in-memory fake in unit tests), never through `nft`: one atomic batch per sync. A
+//! full sync rewrites the table's fixed part and refills its sets; a partial sync sends
+//! only the element differences against what the last successful sync applied (and,
+//! when the endpoint counts in use or the ServiceCIDRs change, the rules; affinity
+//! ports' own chains when they change).
 
 use super::render::{Desired, MapsRenderer};
 use super::TABLE;
 use crate::config::{FamilySettings, Mode};
 use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
 use crate::model::{IpFamily, ProxyState};
-use crate::nftables::text::transaction_text;
-use crate::nftables::transaction::{Family, Op, Transaction};
+use crate::nftables::interface::NftInterface;
+use crate::nftables::netlink::LazyNetlink;
+use crate::nftables::transaction::Family;
 
-/// Why `nft -f` failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NftCliError {
-    /// `nft` could not be run.
-    #[error("running nft: {0}")]
-    Spawn(#[source] std::io::Error),
-    /// `nft` refused the input; the transaction was not applied.
-    #[error("nft -f refused the transaction: {0}")]
-    Refused(String),
-}
-
-/// Runs `nft -f -` with `text` (one atomic transaction).
-pub fn nft_apply(text: &str) -> Result<(), NftCliError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NftCliError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(NftCliError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NftCliError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NftCliError::Refused(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
-}
-
-/// One family's maps-layout dataplane.
-pub struct MapsDataplane {
+/// One family's maps-layout dataplane, over `I` (netlink by default).
+pub struct MapsDataplane<I: NftInterface = LazyNetlink> {
     renderer: MapsRenderer,
+    nft: I,
+    /// What the last successful sync left in the kernel (`None`: the next sync is full).
     applied: Option<Desired>,
 }
 
-impl MapsDataplane {
-    /// A dataplane that has applied nothing yet.
+impl MapsDataplane<LazyNetlink> {
+    /// A dataplane over netlink in the current network namespace that has applied
+    /// nothing yet. The socket is opened on first use.
     pub fn new(settings: FamilySettings) -> Self {
+        MapsDataplane::with_interface(settings, LazyNetlink::default())
+    }
+}
+
+impl<I: NftInterface> MapsDataplane<I> {
+    /// A dataplane over any nftables implementation.
+    pub fn with_interface(settings: FamilySettings, nft: I) -> Self {
         MapsDataplane {
             renderer: MapsRenderer::new(settings),
+            nft,
             applied: None,
         }
     }
@@ -70,16 +45,7 @@ impl MapsDataplane {
     }
 }
 
-/// A transaction that removes the table if it exists (`add` first, so that a missing
-/// table is not an error).
-pub fn delete_table(family: Family, table: &str) -> Transaction {
-    let mut tx = Transaction::new(family, table);
-    tx.push(Op::AddTable { comment: None });
-    tx.push(Op::DeleteTable);
-    tx
-}
-
-impl Dataplane for MapsDataplane {
+impl<I: NftInterface> Dataplane for MapsDataplane<I> {
     fn family(&self) -> IpFamily {
         self.family_label()
     }
@@ -100,7 +66,9 @@ impl Dataplane for MapsDataplane {
         };
         let operations = tx.len();
         if !tx.is_empty() {
-            if let Err(e) = nft_apply(&transaction_text(&tx)) {
+            // One atomic batch, however large: the layout has no cut points where a
+            // half-applied table would still route every Service correctly.
+            if let Err(e) = self.nft.apply(&tx) {
                 self.applied = None;
                 return Err(DataplaneError::sync_failed(
                     Mode::Nftables,
@@ -119,9 +87,122 @@ impl Dataplane for MapsDataplane {
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        let tx = delete_table(Family::of(self.family_label()), TABLE);
         self.applied = None;
-        nft_apply(&transaction_text(&tx))
+        self.nft
+            .delete_table(Family::of(self.family_label()), TABLE)
             .map_err(|e| DataplaneError::cleanup_failed(Mode::Nftables, self.family_label(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::{synthetic, NodeContext};
+    use crate::nftables::fake::{Fake, FakeNft};
+    use crate::nftables::text::normalize;
+    use crate::nftables::transaction::{Op, Transaction};
+
+    fn settings() -> FamilySettings {
+        Config::default().family_settings(IpFamily::V4, "node-1", None, &[])
+    }
+
+    fn state(services: usize, endpoints: usize) -> ProxyState {
+        let node = NodeContext {
+            name: "node-1".into(),
+            zone: None,
+            prefer_same_node: false,
+        };
+        synthetic::cluster(services, endpoints).proxy_state(IpFamily::V4, &node)
+    }
+
+    fn table(nft: &FakeNft) -> String {
+        normalize(&nft.table(Family::Ip, TABLE).dump())
+    }
+
+    /// What a fresh full sync of `state` builds in an empty fake.
+    fn fresh(state: &ProxyState) -> String {
+        let mut fake = Fake::new();
+        fake.apply(&MapsRenderer::new(settings()).render_full(state))
+            .unwrap();
+        normalize(&fake.dump())
+    }
+
+    fn only_elements(tx: &Transaction) -> bool {
+        tx.ops
+            .iter()
+            .all(|op| matches!(op, Op::AddElement(_) | Op::DeleteElement(_)))
+    }
+
+    #[test]
+    fn first_sync_is_full_then_changes_are_element_diffs() {
+        let nft = FakeNft::new();
+        let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+        assert!(dp.needs_full_sync());
+        let st = state(5, 2);
+        let out = dp.sync(&st, false).unwrap();
+        assert!(out.full);
+        assert_eq!(out.operations, nft.applied()[0].len());
+        assert_eq!(table(&nft), fresh(&st));
+        // One more Service with the same endpoint count: elements only.
+        let bigger = state(6, 2);
+        let out = dp.sync(&bigger, false).unwrap();
+        assert!(!out.full);
+        let last = nft.applied().pop().unwrap();
+        assert!(
+            only_elements(&last),
+            "a Service added is elements only: {last:?}"
+        );
+        assert_eq!(table(&nft), fresh(&bigger));
+        // Nothing changed: nothing is sent.
+        let sent = nft.applied().len();
+        let out = dp.sync(&bigger, false).unwrap();
+        assert_eq!(out.operations, 0);
+        assert_eq!(nft.applied().len(), sent);
+    }
+
+    #[test]
+    fn a_new_endpoint_count_adds_its_objects_and_converges() {
+        let nft = FakeNft::new();
+        let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+        dp.sync(&state(4, 2), true).unwrap();
+        let st = state(4, 3);
+        let out = dp.sync(&st, false).unwrap();
+        assert!(!out.full);
+        assert!(!only_elements(&nft.applied().pop().unwrap()));
+        assert_eq!(table(&nft), fresh(&st));
+    }
+
+    #[test]
+    fn a_refused_batch_changes_nothing_and_the_next_sync_is_full() {
+        let nft = FakeNft::new();
+        let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+        dp.sync(&state(3, 2), true).unwrap();
+        let before = table(&nft);
+        nft.fail_next(1);
+        let err = dp.sync(&state(4, 2), false).unwrap_err();
+        assert!(err.partial);
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
+        assert_eq!(table(&nft), before, "a refused batch changes nothing");
+        assert!(dp.needs_full_sync());
+        let st = state(4, 2);
+        let out = dp.sync(&st, false).unwrap();
+        assert!(out.full, "the sync after a failure is full");
+        assert_eq!(table(&nft), fresh(&st));
+    }
+
+    #[test]
+    fn cleanup_removes_the_table_and_is_idempotent() {
+        let nft = FakeNft::new();
+        let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+        dp.sync(&state(2, 2), true).unwrap();
+        assert!(nft.table(Family::Ip, TABLE).exists());
+        dp.cleanup().unwrap();
+        assert!(!nft.table(Family::Ip, TABLE).exists());
+        dp.cleanup().unwrap();
+        assert!(dp.needs_full_sync());
     }
 }
