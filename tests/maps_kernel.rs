@@ -91,3 +91,24 @@ fn maps_layout_over_netlink_lists_like_nft_f_for_every_golden_case() {
     }
     assert!(compared >= 13, "{compared}");
 }
+
+#[test]
+fn the_feature_probe_passes_here_and_leaves_nothing_behind() {
+    if !require_root("the_feature_probe_passes_here_and_leaves_nothing_behind") {
+        return;
+    }
+    let ns = Netns::new("mprobe");
+    ns.run(|| {
+        let mut nl = Netlink::open().expect("netlink");
+        for family in [
+            kproxy::nftables::transaction::Family::Ip,
+            kproxy::nftables::transaction::Family::Ip6,
+        ] {
+            kproxy::nftables::maps::probe::probe(&mut nl, family)
+                .unwrap_or_else(|e| panic!("{e}: {:?}", std::error::Error::source(&e)));
+        }
+    });
+    let (ok, out, err) = ns.exec_status(&["nft", "list", "tables"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "", "the probe's tables are gone");
+}

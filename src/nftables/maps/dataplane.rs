@@ -20,6 +20,8 @@ pub struct MapsDataplane<I: NftInterface = LazyNetlink> {
     nft: I,
     /// What the last successful sync left in the kernel (`None`: the next sync is full).
     applied: Option<Desired>,
+    /// The kernel passed the feature probe ([`super::probe`]), run before the first sync.
+    probed: bool,
 }
 
 impl MapsDataplane<LazyNetlink> {
@@ -37,6 +39,7 @@ impl<I: NftInterface> MapsDataplane<I> {
             renderer: MapsRenderer::new(settings),
             nft,
             applied: None,
+            probed: false,
         }
     }
 
@@ -59,6 +62,15 @@ impl<I: NftInterface> Dataplane for MapsDataplane<I> {
     }
 
     fn sync(&mut self, state: &ProxyState, full: bool) -> Result<SyncOutcome, DataplaneError> {
+        if !self.probed {
+            // Once, before anything is written: refuse a kernel without what the
+            // layout needs, naming the feature.
+            let family = Family::of(self.family_label());
+            super::probe::probe(&mut self.nft, family).map_err(|e| {
+                DataplaneError::sync_failed(Mode::Nftables, self.family_label(), false, e)
+            })?;
+            self.probed = true;
+        }
         let desired = self.renderer.desired(state);
         let (tx, full) = match (&self.applied, full) {
             (Some(old), false) => (self.renderer.render_diff(old, &desired), false),
@@ -142,7 +154,10 @@ mod tests {
         let st = state(5, 2);
         let out = dp.sync(&st, false).unwrap();
         assert!(out.full);
-        assert_eq!(out.operations, nft.applied()[0].len());
+        // The feature probe's throw-away tables come first, then the one sync batch.
+        let sent = nft.applied();
+        assert!(sent.len() > 1, "the first sync probes the kernel");
+        assert_eq!(out.operations, sent.last().unwrap().len());
         assert_eq!(table(&nft), fresh(&st));
         // One more Service with the same endpoint count: elements only.
         let bigger = state(6, 2);
@@ -192,6 +207,16 @@ mod tests {
         let out = dp.sync(&st, false).unwrap();
         assert!(out.full, "the sync after a failure is full");
         assert_eq!(table(&nft), fresh(&st));
+    }
+
+    #[test]
+    fn the_kernel_is_probed_once() {
+        let nft = FakeNft::new();
+        let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+        dp.sync(&state(2, 2), true).unwrap();
+        let after_first = nft.applied().len();
+        dp.sync(&state(2, 2), true).unwrap();
+        assert_eq!(nft.applied().len(), after_first + 1, "no second probe");
     }
 
     #[test]

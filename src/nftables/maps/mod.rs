@@ -13,6 +13,7 @@
 pub(crate) mod affinity;
 pub mod dataplane;
 pub mod layout;
+pub mod probe;
 pub mod render;
 
 pub use layout::TABLE;
