@@ -276,69 +276,27 @@ fn load_balancer_ip_mode_element_assertions() {
 /// rendered table (every phase, including those after EndpointSlices are deleted), and
 /// through the research model's rulesets (`derived.nft`), which checks the tracer itself.
 mod flows {
-    use crate::vectors::{nft_check_flows, nft_local_ips, nft_settings, nft_vector_dirs, yaml};
-    use kproxy::model::NodeContext;
+    use crate::vectors::{
+        for_each_nft_flow_phase, nft_check_flows, nft_local_ips, nft_vector_dirs, yaml,
+    };
     use kproxy::nftables::render::{NftRenderer, RenderOptions};
     use kproxy::nftables::text::transaction_text;
-    use kproxy::snapshot;
     use kproxy::trace::nftables::Table;
-    use serde_json::Value;
     use std::fs;
 
     #[test]
     fn upstream_flows_through_our_rules() {
         let mut failures = Vec::new();
         let mut flows = 0;
-        for dir in nft_vector_dirs()
-            .into_iter()
-            .filter(|d| d.join("flows.yaml").exists())
-        {
-            let cfg = yaml(&dir.join("config.yaml"));
-            let (settings, cidrs) = nft_settings(&cfg);
-            let mut state =
-                snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
-                    .unwrap()
-                    .state;
-            let spec = yaml(&dir.join("flows.yaml"));
-            let local = nft_local_ips(&spec);
-            let node = NodeContext {
-                name: settings.node_name.clone(),
-                zone: None,
-                prefer_same_node: true,
-            };
-            for phase in spec["phases"].as_array().into_iter().flatten() {
-                for d in phase["deleteEndpointSlices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    let (ns, name) = match d {
-                        Value::String(s) => {
-                            let (ns, n) = s.split_once('/').unwrap();
-                            (ns.to_string(), n.to_string())
-                        }
-                        _ => (
-                            d["namespace"].as_str().unwrap().to_string(),
-                            d["name"].as_str().unwrap().to_string(),
-                        ),
-                    };
-                    assert!(
-                        state.remove_slice(&ns, &name),
-                        "{}: no slice {ns}/{name}",
-                        dir.display()
-                    );
-                }
-                let mut ps = state.proxy_state(settings.family, &node);
-                ps.service_cidrs = cidrs.clone();
-                let text = transaction_text(
-                    &NftRenderer::new(settings.clone())
-                        .render(&ps, &RenderOptions::default())
-                        .main,
-                );
-                let table = Table::parse(&text).unwrap();
-                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
-            }
-        }
+        for_each_nft_flow_phase(|dir, settings, ps, phase, local| {
+            let text = transaction_text(
+                &NftRenderer::new(settings.clone())
+                    .render(ps, &RenderOptions::default())
+                    .main,
+            );
+            let table = Table::parse(&text).unwrap();
+            flows += nft_check_flows(dir, phase, &table, local, &mut failures);
+        });
         assert!(flows >= 50, "only {flows}");
         assert!(
             failures.is_empty(),
@@ -387,17 +345,13 @@ mod flows {
 /// upstream's nftables layout does).
 mod maps_flows {
     use crate::vectors::{
-        nft_check_flows, nft_local_ips, nft_settings, nft_vector_dirs, s, settings_for, state_for,
-        vector_dirs, yaml,
+        for_each_nft_flow_phase, nft_check_flows, s, settings_for, state_for, vector_dirs, yaml,
     };
-    use kproxy::model::{NodeContext, ProxyState};
+    use kproxy::model::ProxyState;
     use kproxy::nftables::maps::MapsRenderer;
     use kproxy::nftables::render::{NftRenderer, RenderOptions};
     use kproxy::nftables::text::transaction_text;
-    use kproxy::snapshot;
     use kproxy::trace::nftables::{Packet, Table};
-    use serde_json::Value;
-    use std::fs;
     use std::net::IpAddr;
 
     fn maps_table(settings: &kproxy::config::FamilySettings, ps: &ProxyState) -> Table {
@@ -409,47 +363,10 @@ mod maps_flows {
     fn upstream_nftables_flows_through_the_maps_layout() {
         let mut failures = Vec::new();
         let mut flows = 0;
-        for dir in nft_vector_dirs()
-            .into_iter()
-            .filter(|d| d.join("flows.yaml").exists())
-        {
-            let cfg = yaml(&dir.join("config.yaml"));
-            let (settings, cidrs) = nft_settings(&cfg);
-            let mut state =
-                snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
-                    .unwrap()
-                    .state;
-            let spec = yaml(&dir.join("flows.yaml"));
-            let local = nft_local_ips(&spec);
-            let node = NodeContext {
-                name: settings.node_name.clone(),
-                zone: None,
-                prefer_same_node: true,
-            };
-            for phase in spec["phases"].as_array().into_iter().flatten() {
-                for d in phase["deleteEndpointSlices"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    let (ns, name) = match d {
-                        Value::String(s) => {
-                            let (ns, n) = s.split_once('/').unwrap();
-                            (ns.to_string(), n.to_string())
-                        }
-                        _ => (
-                            d["namespace"].as_str().unwrap().to_string(),
-                            d["name"].as_str().unwrap().to_string(),
-                        ),
-                    };
-                    assert!(state.remove_slice(&ns, &name), "{}", dir.display());
-                }
-                let mut ps = state.proxy_state(settings.family, &node);
-                ps.service_cidrs = cidrs.clone();
-                let table = maps_table(&settings, &ps);
-                flows += nft_check_flows(&dir, phase, &table, &local, &mut failures);
-            }
-        }
+        for_each_nft_flow_phase(|dir, settings, ps, phase, local| {
+            let table = maps_table(settings, ps);
+            flows += nft_check_flows(dir, phase, &table, local, &mut failures);
+        });
         eprintln!("maps layout: {flows} upstream nftables flows");
         assert!(flows >= 50, "only {flows}");
         assert!(

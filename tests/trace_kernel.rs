@@ -9,17 +9,12 @@ mod netns;
 #[path = "support/vectors.rs"]
 mod vectors;
 
-use std::fs;
 use std::net::IpAddr;
-use std::path::Path;
 
-use ipnet::IpNet;
-use kproxy::config::Config;
 use kproxy::iptables::render::{RenderOptions as IptOptions, Renderer};
-use kproxy::model::{IpFamily, NodeContext};
+use kproxy::model::IpFamily;
 use kproxy::nftables::netlink::Netlink;
 use kproxy::nftables::render::{NftRenderer, RenderOptions};
-use kproxy::snapshot;
 use kproxy::trace::core::Packet;
 use kproxy::trace::iptables::Ruleset;
 use kproxy::trace::nftables::Table;
@@ -50,107 +45,22 @@ fn live_result(ns: &Netns, mode: &str, pkt: &Packet, local: &[IpAddr]) -> Value 
     v["result"].clone()
 }
 
-fn yaml(p: &Path) -> Value {
-    serde_yaml_ng::from_str(&fs::read_to_string(p).unwrap()).unwrap()
-}
-
 #[test]
 fn nft_flows_over_kernel_read_back() {
     if !require_root("nft_flows_over_kernel_read_back") {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/upstream/nftables");
-    let mut dirs: Vec<_> = fs::read_dir(&root)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|d| d.join("flows.yaml").exists())
-        .collect();
-    dirs.sort();
     let mut failures = Vec::new();
     let mut flows = 0;
     let ns = Netns::new("trace-nft");
-    for dir in dirs {
-        let cfg = yaml(&dir.join("config.yaml"));
-        let family = if cfg["family"].as_str() == Some("IPv6") {
-            IpFamily::V6
+    vectors::for_each_nft_flow_phase(|dir, settings, ps, phase, local| {
+        let fam = if settings.family == IpFamily::V6 {
+            "ip6"
         } else {
-            IpFamily::V4
-        };
-        let fam = if family == IpFamily::V6 { "ip6" } else { "ip" };
-        let mut config = Config {
-            masquerade_all: cfg["masqueradeAll"].as_bool().unwrap_or(false),
-            ..Config::default()
-        };
-        config.nodeport_addresses = cfg["nodePortAddresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        let det = &cfg["localDetector"];
-        if det["mode"].as_str().unwrap_or("ClusterCIDR") == "ClusterCIDR" {
-            config.cluster_cidrs = det["clusterCIDR"]
-                .as_str()
-                .and_then(|c| c.parse::<IpNet>().ok())
-                .filter(|c| IpFamily::of_net(c) == family)
-                .or_else(|| (family == IpFamily::V6).then(|| "fd00:10::/64".parse().unwrap()))
-                .into_iter()
-                .collect();
-        }
-        let addrs: Vec<IpNet> = cfg["interfaces"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["addresses"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a.as_str()?.parse().ok())
-            .collect();
-        let mut settings = config.family_settings(family, "test-node", None, &addrs);
-        settings.node_ip = cfg["nodeIP"].as_str().and_then(|s| s.parse().ok());
-        let cidrs: Vec<IpNet> = cfg["serviceCIDRs"]
-            .as_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|c| c.trim().parse().ok())
-            .filter(|c: &IpNet| IpFamily::of_net(c) == family)
-            .collect();
-        let mut state =
-            snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
-                .unwrap()
-                .state;
-        let spec = yaml(&dir.join("flows.yaml"));
-        let local: Vec<IpAddr> = spec["tracer"]["localIPs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str()?.parse().ok())
-            .collect();
-        let node = NodeContext {
-            name: "test-node".into(),
-            zone: None,
-            prefer_same_node: true,
+            "ip"
         };
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        for phase in spec["phases"].as_array().into_iter().flatten() {
-            for d in phase["deleteEndpointSlices"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let (sns, sname) = match d {
-                    Value::String(s) => {
-                        let (a, b) = s.split_once('/').unwrap();
-                        (a.to_string(), b.to_string())
-                    }
-                    _ => (
-                        d["namespace"].as_str().unwrap().to_string(),
-                        d["name"].as_str().unwrap().to_string(),
-                    ),
-                };
-                assert!(state.remove_slice(&sns, &sname));
-            }
-            let mut ps = state.proxy_state(family, &node);
-            ps.service_cidrs = cidrs.clone();
+        {
             let tx = NftRenderer::new(settings.clone())
                 .render(&ps, &RenderOptions::default())
                 .main;
@@ -198,7 +108,7 @@ fn nft_flows_over_kernel_read_back() {
                 }
             }
         }
-    }
+    });
     assert!(flows >= 50, "only {flows}");
     assert!(
         failures.is_empty(),
@@ -345,50 +255,15 @@ fn maps_flows_over_kernel_read_back() {
     let mut failures = Vec::new();
     let mut flows = 0;
     let ns = Netns::new("trace-maps");
-    for dir in vectors::nft_vector_dirs()
-        .into_iter()
-        .filter(|d| d.join("flows.yaml").exists())
-    {
-        let cfg = yaml(&dir.join("config.yaml"));
-        let (settings, cidrs) = vectors::nft_settings(&cfg);
+    vectors::for_each_nft_flow_phase(|dir, settings, ps, phase, local| {
         let fam = if settings.family == IpFamily::V6 {
             "ip6"
         } else {
             "ip"
         };
-        let mut state =
-            snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
-                .unwrap()
-                .state;
-        let spec = yaml(&dir.join("flows.yaml"));
-        let local = vectors::nft_local_ips(&spec);
-        let node = NodeContext {
-            name: settings.node_name.clone(),
-            zone: None,
-            prefer_same_node: true,
-        };
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        for phase in spec["phases"].as_array().into_iter().flatten() {
-            for d in phase["deleteEndpointSlices"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let (sns, sname) = match d {
-                    Value::String(s) => {
-                        let (a, b) = s.split_once('/').unwrap();
-                        (a.to_string(), b.to_string())
-                    }
-                    _ => (
-                        d["namespace"].as_str().unwrap().to_string(),
-                        d["name"].as_str().unwrap().to_string(),
-                    ),
-                };
-                assert!(state.remove_slice(&sns, &sname));
-            }
-            let mut ps = state.proxy_state(settings.family, &node);
-            ps.service_cidrs = cidrs.clone();
-            let text = transaction_text(&MapsRenderer::new(settings.clone()).render_full(&ps));
+        {
+            let text = transaction_text(&MapsRenderer::new(settings.clone()).render_full(ps));
             let _ = ns.exec_status(&["nft", "delete", "table", fam, "kproxy"]);
             let (ok, _, err) = ns.exec_stdin(&["nft", "-f", "-"], &text);
             assert!(ok, "{name}: nft -f refused the maps layout: {err}");
@@ -424,8 +299,7 @@ fn maps_flows_over_kernel_read_back() {
                 }
             }
         }
-        let _ = ns.exec_status(&["nft", "delete", "table", fam, "kproxy"]);
-    }
+    });
     assert!(flows >= 50, "only {flows}");
     assert!(
         failures.is_empty(),

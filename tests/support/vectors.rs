@@ -257,3 +257,55 @@ pub fn nft_check_flows(
     }
     flows
 }
+
+/// Every nftables vector with flows, phase by phase: calls `f` with the vector's
+/// directory, its renderer settings, the proxy state after the phase's EndpointSlice
+/// deletions (with the vector's ServiceCIDRs), the phase, and the tracer's local IPs.
+pub fn for_each_nft_flow_phase(
+    mut f: impl FnMut(&Path, &FamilySettings, &kproxy::model::ProxyState, &Value, &[IpAddr]),
+) {
+    for dir in nft_vector_dirs()
+        .into_iter()
+        .filter(|d| d.join("flows.yaml").exists())
+    {
+        let cfg = yaml(&dir.join("config.yaml"));
+        let (settings, cidrs) = nft_settings(&cfg);
+        let mut state =
+            snapshot::load_str(&fs::read_to_string(dir.join("cluster.yaml")).unwrap(), "c")
+                .unwrap()
+                .state;
+        let spec = yaml(&dir.join("flows.yaml"));
+        let local = nft_local_ips(&spec);
+        let node = NodeContext {
+            name: settings.node_name.clone(),
+            zone: None,
+            prefer_same_node: true,
+        };
+        for phase in spec["phases"].as_array().into_iter().flatten() {
+            for d in phase["deleteEndpointSlices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let (ns, name) = match d {
+                    Value::String(s) => {
+                        let (ns, n) = s.split_once('/').unwrap();
+                        (ns.to_string(), n.to_string())
+                    }
+                    _ => (
+                        d["namespace"].as_str().unwrap().to_string(),
+                        d["name"].as_str().unwrap().to_string(),
+                    ),
+                };
+                assert!(
+                    state.remove_slice(&ns, &name),
+                    "{}: no slice {ns}/{name}",
+                    dir.display()
+                );
+            }
+            let mut ps = state.proxy_state(settings.family, &node);
+            ps.service_cidrs = cidrs.clone();
+            f(&dir, &settings, &ps, phase, &local);
+        }
+    }
+}
