@@ -13,16 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rss_mib() -> f64 {
     kproxy::memory::release_free_memory();
-    let kib: u64 = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
-    kib as f64 / 1024.0
+    kproxy::memory::usage_kib().map_or(0, |(rss, _)| rss) as f64 / 1024.0
 }
 
 fn main() {

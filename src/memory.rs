@@ -32,6 +32,10 @@ pub fn usage_kib() -> Option<(u64, u64)> {
 /// Logs (at debug level) the resident memory after a phase of a one-shot command, so
 /// `-v=4` shows where a command's peak comes from.
 pub fn log_phase(phase: &str) {
+    // Called on the daemon's sync path too: read /proc only when the line is wanted.
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     if let Some((rss, hwm)) = usage_kib() {
         tracing::debug!(phase, rss_mib = rss / 1024, peak_mib = hwm / 1024, "memory");
     }
