@@ -62,7 +62,7 @@ fn nft_flows_over_kernel_read_back() {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         {
             let tx = NftRenderer::new(settings.clone())
-                .render(&ps, &RenderOptions::default())
+                .render(ps, &RenderOptions::default())
                 .main;
             let _ = ns.exec_status(&["nft", "delete", "table", fam, "kube-proxy"]);
             ns.run(move || Netlink::open().unwrap().apply(&tx).unwrap());
@@ -87,7 +87,7 @@ fn nft_flows_over_kernel_read_back() {
                 let fname = flow["name"].as_str().unwrap_or_default();
                 let mut outcomes = Vec::new();
                 for (how, table) in [("nft list", &from_listing), ("nft -j", &from_json)] {
-                    let t = table.trace(&pkt, &local);
+                    let t = table.trace(&pkt, local);
                     if t.output() != want || t.masquerade != masq {
                         failures.push(format!(
                             "{name} {fname} ({how}): got {:?} masq={} want {want:?} masq={masq}",
@@ -98,7 +98,7 @@ fn nft_flows_over_kernel_read_back() {
                     outcomes.push(serde_json::to_value(t.outcome()).unwrap());
                 }
                 if !pkt.dst.is_loopback() && !pkt.src.is_loopback() {
-                    let live = live_result(&ns, "nftables", &pkt, &local);
+                    let live = live_result(&ns, "nftables", &pkt, local);
                     if live != outcomes[0] {
                         failures.push(format!(
                             "{name} {fname} (--live): {live} != {}",
@@ -282,7 +282,7 @@ fn maps_flows_over_kernel_read_back() {
                 let want = flow["output"].as_str().unwrap_or_default();
                 let masq = flow["masquerade"].as_bool().unwrap_or(false);
                 let fname = flow["name"].as_str().unwrap_or_default();
-                let t = table.trace(&pkt, &local);
+                let t = table.trace(&pkt, local);
                 if t.output() != want || t.masquerade != masq {
                     failures.push(format!(
                         "{name} {fname} (nft list): got {:?} masq={} want {want:?} masq={masq}",
@@ -291,7 +291,7 @@ fn maps_flows_over_kernel_read_back() {
                     ));
                 }
                 if !pkt.dst.is_loopback() && !pkt.src.is_loopback() {
-                    let live = live_result(&ns, "nftables", &pkt, &local);
+                    let live = live_result(&ns, "nftables", &pkt, local);
                     let listed = serde_json::to_value(t.outcome()).unwrap();
                     if live != listed {
                         failures.push(format!("{name} {fname} (--live): {live} != {listed}"));
