@@ -16,7 +16,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::layout::{Counts, LbClass};
-use super::render::{Desired, ElementKey, MapsRenderer};
+#[cfg(test)]
+use super::render::Desired;
+use super::render::{ElementKey, MapsRenderer};
 use crate::model::{PortPlan, ProxyState};
 use crate::nftables::transaction::{Expr, KeyValue, Verdict};
 
@@ -218,7 +220,9 @@ impl Record {
         self.elements.len() + self.fixed().len()
     }
 
-    /// The whole record as a [`Desired`] (sorted; for tests and reports).
+    /// The whole record as a [`Desired`] (sorted; what the tests compare with a full
+    /// derivation).
+    #[cfg(test)]
     pub(crate) fn desired(&self) -> Desired {
         let mut d = Desired {
             counts: self.counts(),
