@@ -171,6 +171,9 @@ fn maps() {
         let ms = |x: std::time::Duration| x.as_secs_f64() * 1e3;
         let mut state = synthetic::cluster(n, 10);
         let mut dp = MapsDataplane::new(settings);
+        if let Some(b) = env_list("BATCH", "").first() {
+            dp = dp.with_batch_ops(*b);
+        }
         let t = Instant::now();
         let ps = state.proxy_state(IpFamily::V4, &node);
         let derived = t.elapsed();
@@ -194,7 +197,9 @@ fn maps() {
             st.batches,
             st.operations
         );
-        // A periodic full resync of the unchanged table: read back, nothing written.
+        // A periodic full resync of the unchanged table: read back, nothing written
+        // (RESYNC=0 skips it: the kernel's set dumps are quadratic in the set size).
+        if env_list("RESYNC", "1") == [1] {
         let t = Instant::now();
         dp.sync(&ps, true).unwrap();
         let st = dp.last_stats();
@@ -205,6 +210,7 @@ fn maps() {
             ms(st.plan),
             st.operations
         );
+        }
         let perf = |cmd: &str| {
             if let Some(ctl) = std::env::var_os("PERF_CTL") {
                 std::fs::write(ctl, format!("{cmd}\n")).unwrap();

@@ -484,7 +484,12 @@ impl<I: NftInterface> MapsDataplane<I> {
             .iter()
             .map(|(k, v)| (k, Value::Verdict(v)));
         for (key, v) in fixed.chain(elements).chain(verdicts) {
-            let before = have.remove(key).map(value_of);
+            // (A cold start has nothing to look up.)
+            let before = if have.is_empty() {
+                None
+            } else {
+                have.remove(key).map(value_of)
+            };
             units.change(key, before, Some(v));
         }
         for (key, e) in have {

@@ -10,7 +10,7 @@
 //! derivation (checked by the property test below).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, DefaultHasher, Hash};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -22,9 +22,63 @@ use super::render::{ElementKey, MapsRenderer};
 use crate::model::{PortPlan, ProxyState};
 use crate::nftables::transaction::{Expr, KeyValue, Verdict};
 
-/// Hash maps with a fixed hasher: iteration order (and so the order of a sync's
-/// operations) is the same on every run; nothing needs these keys sorted.
-pub(crate) type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+/// Hash maps with a fixed, fast hasher: iteration order (and so the order of a sync's
+/// operations) is the same on every run, and nothing needs these keys sorted.
+pub(crate) type Map<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+
+/// A multiply-rotate hasher over 64-bit words (the Firefox/rustc scheme, written
+/// here): element keys are many small fields, for which SipHash's per-call cost was
+/// most of a cold sync's record time. Not flooding-resistant; the keys are the
+/// cluster's own Service and endpoint addresses, and a collision only costs time.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WordHasher(u64);
+
+impl WordHasher {
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// One key's claimants and their values; the port first in port order gives the
 /// value (as in the full derivation).
@@ -123,10 +177,10 @@ impl<K: Hash + Eq + Clone, V: Clone + PartialEq> Claims<K, V> {
 
     fn claim(&mut self, k: K, p: &Arc<PortPlan>, v: V) {
         self.note(&k);
-        match self.slots.get_mut(&k) {
-            Some(s) => s.add(p, v),
-            None => {
-                self.slots.insert(k, Slot::One(p.clone(), v));
+        match self.slots.entry(k) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(p, v),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Slot::One(p.clone(), v));
             }
         }
     }
