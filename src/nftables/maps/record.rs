@@ -112,12 +112,16 @@ impl<V> Slot<V> {
         }
     }
 
-    /// Removes `p`'s claim; `true` when no claimant is left.
+    /// Removes `p`'s claim; `true` when no claimant is left. A claimant is known by
+    /// its port name (one claim per name: a changed port's old plan is released
+    /// before its new one claims), so the claim need not hold the allocation the
+    /// state now shares.
     fn remove(&mut self, p: &Arc<PortPlan>) -> bool {
+        let same = |q: &Arc<PortPlan>| Arc::ptr_eq(q, p) || q.svc.name == p.svc.name;
         match self {
-            Slot::One(q, _) => Arc::ptr_eq(q, p),
+            Slot::One(q, _) => same(q),
             Slot::Many(all) => {
-                if let Some(i) = all.iter().position(|(q, _)| Arc::ptr_eq(q, p)) {
+                if let Some(i) = all.iter().position(|(q, _)| same(q)) {
                     all.remove(i);
                 }
                 if all.len() == 1 {
@@ -412,24 +416,8 @@ impl Record {
                 }
             }
         }
-        // An equal but not identical port keeps the old allocation's claims, so the
-        // record keeps pointing at the claimants it holds.
-        let mut ports = state.ports.clone();
-        let (mut i, mut j) = (0, 0);
-        while i < old.len() && j < ports.len() {
-            match old[i].svc.name.cmp(&ports[j].svc.name) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    if !Arc::ptr_eq(&old[i], &ports[j]) && *old[i] == *ports[j] {
-                        ports[j] = old[i].clone();
-                    }
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
-        self.ports = ports;
+        // The state's allocations, so that the next walk compares pointers.
+        self.ports = state.ports.clone();
         changes.elements = self.elements.changes();
         changes.verdicts = self.verdicts.changes();
         changes.chains = self.chains.changes();
