@@ -46,7 +46,6 @@ use crate::nftables::text::rule_body;
 use crate::nftables::transaction::{
     AddrMatch, Chain, Element, Expr, Family, KeyValue, Op, Rule, Set, SetFlag, Transaction, Verdict,
 };
-use crate::nftables::SYNC_BATCH_OPS;
 
 /// A chain the layout always has; when it is gone, the table was deleted or flushed
 /// behind our back.
@@ -56,6 +55,13 @@ const CANARY_CHAIN: &str = "services";
 /// builds it anew (a table whose sets cannot be updated in place, e.g. left by a
 /// kproxy that declared them differently, would otherwise fail forever).
 const REBUILD_AFTER_FAILURES: u32 = 2;
+
+/// Operations per batch of a large maps-layout sync. Smaller than the upstream
+/// layout's [`crate::nftables::SYNC_BATCH_OPS`]: these batches are almost all plain
+/// elements, and a cold sync of 10k Services × 10 endpoints (254k elements) committed
+/// ~10% faster in 5k-operation batches than in 20k ones on the benchmark machine (2k:
+/// no better).
+pub const MAPS_BATCH_OPS: usize = 5_000;
 
 /// The prefix of the digest comment on each chain's first rule.
 const STAMP: &str = "kproxy:";
@@ -297,7 +303,7 @@ impl<I: NftInterface> MapsDataplane<I> {
             nft,
             record: Record::default(),
             applied: false,
-            batch_ops: SYNC_BATCH_OPS,
+            batch_ops: MAPS_BATCH_OPS,
             failed_full: 0,
             probed: false,
             stats: MapsSyncStats::default(),
@@ -305,7 +311,7 @@ impl<I: NftInterface> MapsDataplane<I> {
     }
 
     /// Splits syncs larger than `ops` operations into batches (default
-    /// [`SYNC_BATCH_OPS`]).
+    /// [`MAPS_BATCH_OPS`]).
     pub fn with_batch_ops(mut self, ops: usize) -> Self {
         self.batch_ops = ops.max(1);
         self
