@@ -213,6 +213,11 @@ fn the_dataplane_takes_over_its_table_after_a_restart_writing_only_the_differenc
         assert!(!change.full);
         let mut again = MapsDataplane::new(settings.clone());
         let take_over = again.sync(&moved, false).unwrap();
+        assert!(again.last_stats().read_back, "a new dataplane reads back");
+        // Nobody committed since: a full resync needs no read-back.
+        let resync = again.sync(&moved, true).unwrap();
+        assert_eq!(resync.operations, 0);
+        assert!(!again.last_stats().read_back, "the generation is unchanged");
         let bigger = synthetic::cluster(45, 4).proxy_state(IpFamily::V4, &node);
         let mut third = MapsDataplane::new(settings.clone()).with_batch_ops(50);
         let changed = third.sync(&bigger, false).unwrap();

@@ -350,6 +350,8 @@ struct FakeNftState {
     tables: BTreeMap<(&'static str, String), Fake>,
     fail_next: usize,
     applied: Vec<Transaction>,
+    /// Committed batches, as the kernel's generation counts them.
+    generation: u32,
 }
 
 /// Why a [`FakeNft`] call failed.
@@ -404,7 +406,10 @@ impl FakeNft {
     #[cfg(test)]
     /// Deletes a table behind the dataplane's back (as `nft flush ruleset` would).
     pub(crate) fn remove_table(&self, family: Family, name: &str) {
-        self.with(|s| s.tables.remove(&(family.as_str(), name.to_string())));
+        self.with(|s| {
+            s.generation = s.generation.wrapping_add(1);
+            s.tables.remove(&(family.as_str(), name.to_string()))
+        });
     }
 }
 
@@ -419,11 +424,17 @@ impl NftInterface for FakeNft {
             }
             let key = (tx.family.as_str(), tx.table.clone());
             let table = s.tables.entry(key.clone()).or_default();
+            let before = table.clone();
             let result = table.apply(tx);
+            // As the kernel: a batch that changes nothing commits nothing.
+            let changed = *table != before;
             if !table.exists() {
                 s.tables.remove(&key);
             }
             result?;
+            if changed {
+                s.generation = s.generation.wrapping_add(1);
+            }
             s.applied.push(tx.clone());
             Ok(())
         })
@@ -435,6 +446,10 @@ impl NftInterface for FakeNft {
         table: &str,
     ) -> Result<Option<Existing>, FakeNftError> {
         Ok(self.table(family, table).existing())
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, FakeNftError> {
+        Ok(Some(self.with(|s| s.generation)))
     }
 
     fn read_contents(

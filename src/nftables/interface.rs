@@ -28,6 +28,13 @@ pub trait NftInterface: Send {
         declared: &dyn Fn(&str) -> Option<Set>,
     ) -> Result<Option<TableContents>, Self::Error>;
 
+    /// The network namespace's nftables generation (it grows by one with every
+    /// committed batch, anyone's); `None` when unknown. The default says unknown, so
+    /// callers that skip work when nothing changed never skip it.
+    fn generation(&mut self) -> Result<Option<u32>, Self::Error> {
+        Ok(None)
+    }
+
     /// Whether one chain of a table exists (cheaper than reading the table back).
     fn chain_exists(
         &mut self,

@@ -102,6 +102,9 @@ pub struct MapsSyncStats {
     pub operations: usize,
     /// Batches committed.
     pub batches: usize,
+    /// A full sync read the table back (else it was a partial sync, or a full one
+    /// that found the kernel's generation unchanged since its own last commit).
+    pub read_back: bool,
 }
 
 /// One family's maps-layout dataplane, over `I` (netlink by default).
@@ -118,6 +121,10 @@ pub struct MapsDataplane<I: NftInterface = LazyNetlink> {
     /// sync.
     probed: bool,
     stats: MapsSyncStats,
+    /// The kernel's generation right after our last commit, when that commit was
+    /// provably the only one since the generation before it: while the kernel still
+    /// reports it, nobody has changed any table, so a full sync need not read back.
+    generation: Option<u32>,
 }
 
 impl MapsDataplane<LazyNetlink> {
@@ -307,6 +314,7 @@ impl<I: NftInterface> MapsDataplane<I> {
             failed_full: 0,
             probed: false,
             stats: MapsSyncStats::default(),
+            generation: None,
         }
     }
 
@@ -713,8 +721,13 @@ impl<I: NftInterface> MapsDataplane<I> {
         if tx.is_empty() {
             return Ok(0);
         }
+        // A batch of `add table` alone (a take-over that found nothing to change)
+        // commits nothing, so the kernel does not count it.
+        let counted = !matches!(tx.ops[..], [Op::AddTable { .. }]);
         let batches: Vec<Transaction> = tx.into_batches(self.batch_ops).collect();
         let of = batches.len();
+        let before = self.nft.generation().ok().flatten();
+        self.generation = None;
         for (i, part) in batches.into_iter().enumerate() {
             self.nft
                 .apply(&part)
@@ -724,6 +737,14 @@ impl<I: NftInterface> MapsDataplane<I> {
                     source,
                 })?;
         }
+        // Ours alone: exactly one generation per batch since the one before (the
+        // generation only grows, so any other commit shows).
+        let after = self.nft.generation().ok().flatten();
+        let n = u32::try_from(of).ok().filter(|_| counted).or(Some(0));
+        self.generation = match (before, after, n) {
+            (Some(b), Some(a), Some(n)) if b.wrapping_add(n) == a => Some(a),
+            _ => None,
+        };
         Ok(of)
     }
 
@@ -732,7 +753,14 @@ impl<I: NftInterface> MapsDataplane<I> {
         state: &ProxyState,
         full: bool,
     ) -> Result<SyncOutcome, MapsSyncError<I::Error>> {
-        let partial = self.applied && !full;
+        // A full sync of a table nobody touched since our last commit is the diff
+        // against the record: a partial sync (the read-back costs seconds at 10k
+        // Services, see docs/nftables-maps-layout.md).
+        let untouched = self.applied
+            && full
+            && self.generation.is_some()
+            && self.nft.generation().ok().flatten() == self.generation;
+        let partial = self.applied && (!full || untouched);
         let t = Instant::now();
         // Brought up to date even when the sync then fails: a full sync (the next one
         // after a failure) diffs it against the kernel, not against what was applied.
@@ -761,6 +789,7 @@ impl<I: NftInterface> MapsDataplane<I> {
                     .map_err(MapsSyncError::Read)?
             };
             stats.read = t.elapsed();
+            stats.read_back = !rebuild;
             if let (false, Some(k)) = (self.applied, &kernel) {
                 tracing::info!(
                     table = TABLE,
@@ -779,7 +808,7 @@ impl<I: NftInterface> MapsDataplane<I> {
         stats.apply = t.elapsed();
         self.stats = stats;
         Ok(SyncOutcome {
-            full: !partial,
+            full: !partial || untouched,
             operations: stats.operations,
             ..SyncOutcome::default()
         })

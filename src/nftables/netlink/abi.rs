@@ -18,6 +18,8 @@ pub(super) const NFT_MSG_GETSETELEM: u16 = 13;
 pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
 pub(super) const NFT_MSG_NEWGEN: u16 = 15;
 pub(super) const NFT_MSG_GETGEN: u16 = 16;
+/// The generation id attribute of a NEWGEN message.
+pub(super) const NFTA_GEN_ID: u16 = 1;
 pub(super) const NLM_F_ACK: u16 = 0x4;
 pub(super) const NLM_F_CREATE: u16 = 0x400;
 pub(super) const NLM_F_APPEND: u16 = 0x800;

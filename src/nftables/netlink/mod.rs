@@ -155,6 +155,10 @@ impl NftInterface for Netlink {
         Netlink::read_contents(self, family, table, declared)
     }
 
+    fn generation(&mut self) -> Result<Option<u32>, NetlinkError> {
+        Netlink::generation(self)
+    }
+
     fn chain_exists(
         &mut self,
         family: Family,
@@ -207,6 +211,10 @@ impl NftInterface for LazyNetlink {
         declared: &dyn Fn(&str) -> Option<Set>,
     ) -> Result<Option<TableContents>, NetlinkError> {
         self.socket()?.read_contents(family, table, declared)
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, NetlinkError> {
+        self.socket()?.generation()
     }
 
     fn chain_exists(

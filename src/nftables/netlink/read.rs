@@ -209,6 +209,21 @@ impl Netlink {
         Ok(Some(out))
     }
 
+    /// The nftables generation of this network namespace (`NFT_MSG_GETGEN`); `None`
+    /// when the reply carries none.
+    pub fn generation(&mut self) -> Result<Option<u32>, NetlinkError> {
+        let msgs = match self.request(NFT_MSG_GETGEN, Family::Ip, 0, |_| Ok(()))? {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(NetlinkError::Io {
+                    what: "get generation",
+                    source: std::io::Error::from_raw_os_error(e),
+                })
+            }
+        };
+        Ok(msgs.iter().find_map(|m| gen_id(m)))
+    }
+
     /// Whether one chain exists (a single GETCHAIN, no dump: cheap on big tables).
     pub fn chain_exists(
         &mut self,
@@ -431,4 +446,28 @@ fn verdict(e: &ElemView) -> Option<Verdict> {
         c if c == NF_DROP as i32 => Verdict::Drop,
         _ => return None,
     })
+}
+
+/// `NFTA_GEN_ID` (big-endian u32) of a NEWGEN message: netlink header (16 bytes),
+/// nfgenmsg (4), then attributes.
+fn gen_id(msg: &[u8]) -> Option<u32> {
+    let ty = u16::from_ne_bytes([*msg.get(4)?, *msg.get(5)?]);
+    if ty >> 8 != NFNL_SUBSYS_NFTABLES || ty & 0xff != NFT_MSG_NEWGEN {
+        return None;
+    }
+    let mut at = 20;
+    while at + 4 <= msg.len() {
+        let len = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
+        let ty = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]) & 0x3fff;
+        if len < 4 {
+            return None;
+        }
+        if ty == NFTA_GEN_ID && len >= 8 {
+            return Some(u32::from_be_bytes(
+                msg.get(at + 4..at + 8)?.try_into().ok()?,
+            ));
+        }
+        at += len.div_ceil(4) * 4;
+    }
+    None
 }
