@@ -1,16 +1,13 @@
 //! Handing freed heap back to the system after a full sync, whichever allocator the
-//! binary uses (the `kproxy` binary uses mimalloc; tests and benches use glibc's).
+//! binary uses (the `kproxy` binary uses mimalloc; tests and benches use glibc's), and
+//! measuring this process's memory. Safe Rust: the allocator calls are in `sys::heap`.
+#![deny(unsafe_code)]
 
 /// Returns free memory to the system. A full sync builds the whole transaction (and the
 /// watchers' initial lists arrive at once); without this the steady-state footprint
 /// would be that peak rather than the compact model.
 pub fn release_free_memory() {
-    // SAFETY: both calls only release memory that is already free; no live
-    // allocation moves.
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-        libc::malloc_trim(0);
-    }
+    crate::sys::heap::release_free();
 }
 
 /// This process's resident memory now and at its peak (KiB), from /proc/self/status;

@@ -6,9 +6,11 @@
 //! - [`socket`]: a netfilter netlink socket (libmnl) and the safe reading of netlink
 //!   frames and acknowledgements, shared by nftables and conntrack.
 //! - [`netns`]: moving a thread into a new or existing network namespace.
+//! - [`heap`]: giving free heap memory back to the system after a full sync.
 //!
 //! Everything above this module is safe Rust.
 
+pub(crate) mod heap;
 pub(crate) mod netns;
 pub(crate) mod nftnl;
 pub(crate) mod socket;
@@ -153,5 +155,40 @@ mod house_rules {
                 assert!(!forbidden, "{rel}: unsafe outside src/sys: {l}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every `unsafe` block, fn or impl of the crate is under `src/sys/`.
+    #[test]
+    fn unsafe_code_lives_only_in_sys() {
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    if !path.ends_with("sys") {
+                        walk(&path, out);
+                    }
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for (n, line) in text.lines().enumerate() {
+                        let code = line.split("//").next().unwrap_or("");
+                        if ["unsafe {", "unsafe fn", "unsafe impl", "unsafe extern"]
+                            .iter()
+                            .any(|k| code.contains(k))
+                        {
+                            out.push(format!("{}:{}", path.display(), n + 1));
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(found.is_empty(), "unsafe code outside src/sys: {found:?}");
     }
 }
