@@ -36,7 +36,22 @@ pub struct ClusterState {
 #[derive(Debug, Default)]
 struct DerivedCache {
     node: Option<NodeContext>,
-    services: HashMap<(IpFamily, ObjectKey), Vec<Arc<PortPlan>>>,
+    /// Per family (IPv4, IPv6), by Service: looked up with the Service's own key, so a
+    /// sync of an unchanged cluster allocates nothing per Service.
+    services: [HashMap<ObjectKey, Vec<Arc<PortPlan>>>; 2],
+}
+
+impl DerivedCache {
+    fn family(&mut self, family: IpFamily) -> &mut HashMap<ObjectKey, Vec<Arc<PortPlan>>> {
+        &mut self.services[match family {
+            IpFamily::V4 => 0,
+            IpFamily::V6 => 1,
+        }]
+    }
+
+    fn clear(&mut self) {
+        self.services.iter_mut().for_each(HashMap::clear);
+    }
 }
 
 impl Clone for ClusterState {
@@ -161,8 +176,8 @@ impl ClusterState {
             .derived
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        for fam in [IpFamily::V4, IpFamily::V6] {
-            cache.services.remove(&(fam, key.clone()));
+        for services in &mut cache.services {
+            services.remove(key);
         }
     }
 
@@ -171,7 +186,7 @@ impl ClusterState {
             .derived
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        cache.services.clear();
+        cache.clear();
     }
 
     /// Adds or replaces a Service. A Service that is ignored or invalid is removed from
@@ -354,19 +369,19 @@ impl ClusterState {
         let mut cache = self.cache();
         if cache.node.as_ref() != Some(node) {
             // Locality and topology depend on the node: nothing cached still holds.
-            cache.services.clear();
+            cache.clear();
             cache.node = Some(node.clone());
         }
-        let mut ports = Vec::new();
+        let cached = cache.family(family);
+        let mut ports = Vec::with_capacity(self.services.len());
         for svc in self.services.values() {
-            let key = (family, svc.key.clone());
-            if let Some(cached) = cache.services.get(&key) {
-                ports.extend(cached.iter().cloned());
+            if let Some(plans) = cached.get(&svc.key) {
+                ports.extend(plans.iter().cloned());
                 continue;
             }
             let derived = self.derive_service(svc, family, node, &topo);
             ports.extend(derived.iter().cloned());
-            cache.services.insert(key, derived);
+            cached.insert(svc.key.clone(), derived);
         }
         let mut service_cidrs: Vec<IpNet> = self
             .service_cidrs
