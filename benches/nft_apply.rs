@@ -12,6 +12,8 @@
 mod echo;
 #[path = "../tests/support/netns.rs"]
 mod netns;
+#[path = "support/report.rs"]
+mod report;
 #[path = "nft_apply/side_by_side.rs"]
 mod side_by_side;
 

@@ -32,7 +32,6 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,19 +46,18 @@ use kproxy::nftables::text::transaction_text;
 
 use super::echo;
 use super::netns::{self, Netns};
+use super::report::{child_init, env_or, load, out_dir, pct, plot, run_child, Series};
 
 /// The variants run unless `VARIANTS` says otherwise.
 const DEFAULT_VARIANTS: [&str; 3] = ["upstream-netlink", "maps-netlink", "upstream-nft"];
 /// Every variant, in plot order.
-const ALL_VARIANTS: [&str; 4] = ["upstream-netlink", "maps-netlink", "upstream-nft", "maps-nft"];
+const ALL_VARIANTS: [&str; 4] = [
+    "upstream-netlink",
+    "maps-netlink",
+    "upstream-nft",
+    "maps-nft",
+];
 const ECHO_PORT: u16 = 8080;
-
-pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn settings() -> FamilySettings {
     let cfg = Config {
@@ -167,16 +165,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The `p` quantile (0..=1) of `v`, nearest rank.
-pub(crate) fn pct(v: &mut [Duration], p: f64) -> Option<Duration> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    Some(v[i.min(v.len() - 1)])
-}
-
 fn pct_ms(v: &mut [Duration], p: f64) -> Option<f64> {
     pct(v, p).map(ms)
 }
@@ -200,15 +188,6 @@ fn children_peak_rss_mib() -> f64 {
     // SAFETY: a valid out-pointer.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     ru.ru_maxrss as f64 / 1024.0
-}
-
-pub(crate) fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A change to the cluster: one endpoint of Service `7 + k` moves to a new address.
@@ -427,7 +406,8 @@ impl Wiring {
                 "netns",
                 peer.name(),
             ])?;
-            w.node.ip(&["addr", "add", &format!("{a}/24"), "dev", here])?;
+            w.node
+                .ip(&["addr", "add", &format!("{a}/24"), "dev", here])?;
             w.node.ip(&["link", "set", here, "up"])?;
             peer.ip(&["addr", "add", &format!("{b}/24"), "dev", there])?;
             peer.ip(&["link", "set", there, "up"])?;
@@ -437,7 +417,8 @@ impl Wiring {
         link(&w.endpoints, "ep0", "eth0", NODE_DOWN, ENDPOINTS)?;
         w.node
             .ip(&["route", "add", "10.128.0.0/10", "via", ENDPOINTS])?;
-        w.node.ip(&["route", "add", "10.200.0.0/16", "via", ENDPOINTS])?;
+        w.node
+            .ip(&["route", "add", "10.200.0.0/16", "via", ENDPOINTS])?;
         // Every endpoint address is local in the endpoint namespace.
         w.endpoints
             .ip(&["route", "add", "local", "10.128.0.0/10", "dev", "lo"])?;
@@ -449,7 +430,11 @@ impl Wiring {
 
 /// p50 and p99 of connect + one exchange + close to `dst` from the client namespace,
 /// and how many of `count` connections got no answer.
-fn first_packet(client: &Netns, dst: SocketAddr, count: usize) -> (Option<f64>, Option<f64>, usize) {
+fn first_packet(
+    client: &Netns,
+    dst: SocketAddr,
+    count: usize,
+) -> (Option<f64>, Option<f64>, usize) {
     client.run(move || {
         let mut times = Vec::with_capacity(count);
         let mut failed = 0;
@@ -597,154 +582,6 @@ fn run_one(variant: &str, n: usize) -> Row {
     row
 }
 
-pub(crate) fn out_dir() -> PathBuf {
-    std::env::var_os("BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bench-maps"))
-}
-
-/// Runs this executable again with `env` set (one case in a child process), with SIGINT
-/// ignored here meanwhile, and removes the namespaces the child left (named after its
-/// pid). Returns whether it succeeded, and its stdout.
-pub(crate) fn run_child(env: (&str, String)) -> (bool, String) {
-    let exe = std::env::current_exe().expect("own path");
-    // SAFETY: setting a signal disposition; the child resets it (see `child_init`).
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let child = Command::new(exe)
-        .env(env.0, env.1)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("child");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("child");
-    // SAFETY: as above.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-    remove_namespaces_of(pid);
-    let interrupted = {
-        use std::os::unix::process::ExitStatusExt;
-        out.status.signal() == Some(libc::SIGINT)
-    };
-    if interrupted {
-        eprintln!("interrupted");
-        std::process::exit(130);
-    }
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-/// In a child: SIGINT back to its default (the parent ignores it while the child runs).
-pub(crate) fn child_init() {
-    // SAFETY: setting a signal disposition.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-}
-
-fn remove_namespaces_of(pid: u32) {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    let prefix = format!("{}{pid}-", netns::PREFIX);
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) {
-            let _ = netns::run_checked(Command::new("ip").args(["netns", "del", &name]));
-        }
-    }
-}
-
-const COLORS: [plotters::style::RGBColor; 4] = [
-    plotters::style::RGBColor(214, 39, 40),
-    plotters::style::RGBColor(31, 119, 180),
-    plotters::style::RGBColor(255, 127, 14),
-    plotters::style::RGBColor(148, 103, 189),
-];
-
-/// One series of a plot: a label and its points (x: Services); `timeouts` are drawn as
-/// hollow triangles at the bound (the real value is above it).
-pub(crate) struct Series {
-    pub(crate) label: String,
-    pub(crate) points: Vec<(f64, f64)>,
-    pub(crate) timeouts: Vec<(f64, f64)>,
-}
-
-/// One plot over the cluster size, log-scaled x (and y when `log_y`), a line per series.
-pub(crate) fn plot(
-    path: &Path,
-    series: &[Series],
-    title: &str,
-    y_desc: &str,
-    log_y: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let all: Vec<(f64, f64)> = series
-        .iter()
-        .flat_map(|s| s.points.iter().chain(&s.timeouts).copied())
-        .filter(|p| p.1 > 0.0)
-        .collect();
-    if all.is_empty() {
-        return Ok(());
-    }
-    let x_min = all.iter().map(|p| p.0).fold(f64::MAX, f64::min) * 0.8;
-    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.25;
-    let y_lo = all.iter().map(|p| p.1).fold(f64::MAX, f64::min);
-    let y_hi = all.iter().map(|p| p.1).fold(1e-3, f64::max);
-    let mut builder = ChartBuilder::on(&root);
-    builder
-        .caption(title, ("sans-serif", 18))
-        .margin(14)
-        .x_label_area_size(42)
-        .y_label_area_size(70);
-    macro_rules! draw {
-        ($chart:expr) => {{
-            let mut chart = $chart;
-            chart
-                .configure_mesh()
-                .x_desc("Services (× 10 endpoints)")
-                .y_desc(y_desc)
-                .draw()?;
-            for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
-                let color = *color;
-                let mut pts: Vec<(f64, f64)> =
-                    s.points.iter().copied().filter(|p| p.1 > 0.0).collect();
-                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                if pts.is_empty() && s.timeouts.is_empty() {
-                    continue;
-                }
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                    .label(s.label.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
-                chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
-                chart.draw_series(
-                    s.timeouts
-                        .iter()
-                        .map(|p| TriangleMarker::new(*p, 7, color.stroke_width(2))),
-                )?;
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()?;
-        }};
-    }
-    if log_y {
-        let (lo, hi) = (y_lo.max(1e-3) * 0.5, y_hi * 2.0);
-        draw!(builder.build_cartesian_2d((x_min..x_max).log_scale(), (lo..hi).log_scale())?);
-    } else {
-        draw!(builder.build_cartesian_2d((x_min..x_max).log_scale(), 0.0..y_hi * 1.3)?);
-    }
-    root.present()?;
-    Ok(())
-}
-
 fn series_of(rows: &[Row], metric: fn(&Row) -> Option<f64>) -> Vec<Series> {
     ALL_VARIANTS
         .iter()
@@ -878,7 +715,10 @@ pub fn main() {
     let mut fp = Vec::new();
     for v in ["upstream-netlink", "maps-netlink"] {
         for (which, metric) in [
-            ("first Service", (|r: &Row| r.fp_first_p50_ms) as fn(&Row) -> Option<f64>),
+            (
+                "first Service",
+                (|r: &Row| r.fp_first_p50_ms) as fn(&Row) -> Option<f64>,
+            ),
             ("last Service", |r: &Row| r.fp_last_p50_ms),
         ] {
             let points: Vec<(f64, f64)> = rows
