@@ -92,6 +92,8 @@ pub(crate) struct Row {
     pub(crate) change_p50_ms: Option<f64>,
     pub(crate) change_p99_ms: Option<f64>,
     pub(crate) change_ops: usize,
+    /// Of a change: deriving the state from the cluster (`proxy_state`), p50.
+    pub(crate) derive_p50_ms: Option<f64>,
     pub(crate) add_p50_ms: Option<f64>,
     pub(crate) remove_p50_ms: Option<f64>,
     pub(crate) rss_mib: f64,
@@ -109,11 +111,11 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 }
 
 impl Row {
-    const HEADER: &'static str = "variant,services,endpoints_per_service,cold_s,cold_timeout_s,cold_operations,change_p50_ms,change_p99_ms,change_operations,service_add_p50_ms,service_remove_p50_ms,peak_rss_mib,nft_peak_rss_mib,first_packet_first_service_p50_ms,first_packet_first_service_p99_ms,first_packet_last_service_p50_ms,first_packet_last_service_p99_ms,first_packet_failures,load_1_5_15";
+    const HEADER: &'static str = "variant,services,endpoints_per_service,cold_s,cold_timeout_s,cold_operations,change_p50_ms,change_p99_ms,change_derive_p50_ms,change_operations,service_add_p50_ms,service_remove_p50_ms,peak_rss_mib,nft_peak_rss_mib,first_packet_first_service_p50_ms,first_packet_first_service_p99_ms,first_packet_last_service_p50_ms,first_packet_last_service_p99_ms,first_packet_failures,load_1_5_15";
 
     fn csv(&self) -> String {
         format!(
-            "{},{},10,{},{},{},{},{},{},{},{},{:.1},{},{},{},{},{},{},{}",
+            "{},{},10,{},{},{},{},{},{},{},{},{},{:.1},{},{},{},{},{},{},{}",
             self.variant,
             self.services,
             opt(self.cold_s, 3),
@@ -121,6 +123,7 @@ impl Row {
             self.cold_ops,
             opt(self.change_p50_ms, 3),
             opt(self.change_p99_ms, 3),
+            opt(self.derive_p50_ms, 3),
             self.change_ops,
             opt(self.add_p50_ms, 3),
             opt(self.remove_p50_ms, 3),
@@ -146,17 +149,18 @@ impl Row {
             cold_ops: f.get(5)?.parse().ok()?,
             change_p50_ms: num(6),
             change_p99_ms: num(7),
-            change_ops: f.get(8)?.parse().ok()?,
-            add_p50_ms: num(9),
-            remove_p50_ms: num(10),
-            rss_mib: num(11)?,
-            nft_rss_mib: num(12),
-            fp_first_p50_ms: num(13),
-            fp_first_p99_ms: num(14),
-            fp_last_p50_ms: num(15),
-            fp_last_p99_ms: num(16),
-            fp_failed: f.get(17)?.parse().ok()?,
-            load: f.get(18).unwrap_or(&"").to_string(),
+            derive_p50_ms: num(8),
+            change_ops: f.get(9)?.parse().ok()?,
+            add_p50_ms: num(10),
+            remove_p50_ms: num(11),
+            rss_mib: num(12)?,
+            nft_rss_mib: num(13),
+            fp_first_p50_ms: num(14),
+            fp_first_p99_ms: num(15),
+            fp_last_p50_ms: num(16),
+            fp_last_p99_ms: num(17),
+            fp_failed: f.get(18)?.parse().ok()?,
+            load: f.get(19).unwrap_or(&"").to_string(),
         })
     }
 }
@@ -226,10 +230,23 @@ enum SyncError {
     Failed(String),
 }
 
-/// How a variant applies: a full sync of the state, or the change since the last sync;
-/// returns the operations written.
+/// What one sync did: operations written, and how long deriving the family's state
+/// from the cluster took (the part every variant shares).
+struct Synced {
+    ops: usize,
+    derive: Duration,
+}
+
+/// Derives the IPv4 proxy state, timed.
+fn derive(state: &ClusterState, node: &NodeContext) -> (kproxy::model::ProxyState, Duration) {
+    let t = Instant::now();
+    let ps = state.proxy_state(IpFamily::V4, node);
+    (ps, t.elapsed())
+}
+
+/// How a variant applies: a full sync of the state, or the change since the last sync.
 trait Applier {
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<usize, SyncError>;
+    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<Synced, SyncError>;
     /// The bound for a cold sync (`nft -f` only).
     fn set_timeout(&mut self, _t: Option<Duration>) {}
 }
@@ -241,11 +258,14 @@ struct ViaDataplane {
 }
 
 impl Applier for ViaDataplane {
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<usize, SyncError> {
-        let ps = state.proxy_state(IpFamily::V4, &self.node);
+    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<Synced, SyncError> {
+        let (ps, derive) = derive(state, &self.node);
         self.dp
             .sync(&ps, full)
-            .map(|o| o.operations)
+            .map(|o| Synced {
+                ops: o.operations,
+                derive,
+            })
             .map_err(|e| SyncError::Failed(e.to_string()))
     }
 }
@@ -304,8 +324,8 @@ struct UpstreamNft {
 }
 
 impl Applier for UpstreamNft {
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<usize, SyncError> {
-        let ps = state.proxy_state(IpFamily::V4, &self.node);
+    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<Synced, SyncError> {
+        let (ps, derive) = derive(state, &self.node);
         let out = self.r.render(
             &ps,
             &RenderOptions {
@@ -317,7 +337,7 @@ impl Applier for UpstreamNft {
         let ops = out.main.len();
         nft_f(transaction_text(&out.main), self.timeout)?;
         self.r.commit(out.record);
-        Ok(ops)
+        Ok(Synced { ops, derive })
     }
 
     fn set_timeout(&mut self, t: Option<Duration>) {
@@ -334,8 +354,8 @@ struct MapsNft {
 }
 
 impl Applier for MapsNft {
-    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<usize, SyncError> {
-        let ps = state.proxy_state(IpFamily::V4, &self.node);
+    fn sync(&mut self, state: &ClusterState, full: bool) -> Result<Synced, SyncError> {
+        let (ps, derive) = derive(state, &self.node);
         let d = self.r.desired(&ps);
         let tx = match (&self.applied, full) {
             (Some(old), false) => self.r.render_diff(old, &d),
@@ -346,7 +366,7 @@ impl Applier for MapsNft {
             nft_f(transaction_text(&tx), self.timeout)?;
         }
         self.applied = Some(d);
-        Ok(ops)
+        Ok(Synced { ops, derive })
     }
 
     fn set_timeout(&mut self, t: Option<Duration>) {
@@ -518,9 +538,9 @@ fn run_one(variant: &str, n: usize) -> Row {
         a.set_timeout(cold_timeout);
         let t = Instant::now();
         match a.sync(&state, true) {
-            Ok(ops) => {
+            Ok(done) => {
                 row.cold_s = Some(t.elapsed().as_secs_f64());
-                row.cold_ops = ops;
+                row.cold_ops = done.ops;
             }
             Err(SyncError::Timeout(limit)) => {
                 eprintln!("{variant_s} at {n}: cold sync stopped after {limit:?}");
@@ -536,15 +556,18 @@ fn run_one(variant: &str, n: usize) -> Row {
             row.cold_s.unwrap_or(0.0),
             row.cold_ops
         );
-        let mut times = Vec::new();
+        let (mut times, mut derives) = (Vec::new(), Vec::new());
         for k in 0..changes {
             move_endpoint(&mut state, k);
             let t = Instant::now();
-            row.change_ops = a.sync(&state, false).expect("change");
+            let done = a.sync(&state, false).expect("change");
             times.push(t.elapsed());
+            derives.push(done.derive);
+            row.change_ops = done.ops;
         }
         row.change_p50_ms = pct_ms(&mut times, 0.5);
         row.change_p99_ms = pct_ms(&mut times, 0.99);
+        row.derive_p50_ms = pct_ms(&mut derives, 0.5);
         let (svc, slice) = extra_service(n);
         let (mut adds, mut removes) = (Vec::new(), Vec::new());
         for _ in 0..service_changes {
@@ -745,8 +768,8 @@ pub fn main() {
         eprintln!("plot first-packet.svg: {e}");
     }
     println!("started {started}, load average (1/5/15 min) before each variant in the CSV");
-    println!("| variant | services × 10 | cold sync | cold ops | 1-endpoint change p50 / p99 | ops | Service add / remove p50 | peak RSS | first packet p50, first / last Service | load |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| variant | services × 10 | cold sync | cold ops | 1-endpoint change p50 / p99 | of which deriving the state, p50 | ops | Service add / remove p50 | peak RSS | first packet p50, first / last Service | load |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let cold = match (r.cold_s, r.cold_timeout_s) {
             (Some(s), _) => format!("{s:.2} s"),
@@ -772,12 +795,13 @@ pub fn main() {
             "–".into()
         };
         println!(
-            "| {} | {} | {cold} | {} | {} / {} ms | {} | {} / {} ms | {rss} | {fp} | {} |",
+            "| {} | {} | {cold} | {} | {} / {} ms | {} ms | {} | {} / {} ms | {rss} | {fp} | {} |",
             r.variant,
             r.services,
             r.cold_ops,
             fmt_ms(r.change_p50_ms),
             fmt_ms(r.change_p99_ms),
+            fmt_ms(r.derive_p50_ms),
             r.change_ops,
             fmt_ms(r.add_p50_ms),
             fmt_ms(r.remove_p50_ms),
