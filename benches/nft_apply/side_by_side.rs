@@ -226,7 +226,8 @@ fn extra_service(n: usize) -> (kproxy::model::Service, kproxy::model::EndpointSl
 /// Why a sync did not complete.
 #[derive(Debug)]
 enum SyncError {
-    Timeout(Duration),
+    /// Stopped after this long; the operations it carried.
+    Timeout(Duration, usize),
     Failed(String),
 }
 
@@ -309,10 +310,17 @@ fn nft_f(text: String, timeout: Option<Duration>) -> Result<(), SyncError> {
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = writer.join();
-                return Err(SyncError::Timeout(t));
+                return Err(SyncError::Timeout(t, 0));
             }
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn with_ops(e: SyncError, ops: usize) -> SyncError {
+    match e {
+        SyncError::Timeout(t, _) => SyncError::Timeout(t, ops),
+        other => other,
     }
 }
 
@@ -335,7 +343,7 @@ impl Applier for UpstreamNft {
             },
         );
         let ops = out.main.len();
-        nft_f(transaction_text(&out.main), self.timeout)?;
+        nft_f(transaction_text(&out.main), self.timeout).map_err(|e| with_ops(e, ops))?;
         self.r.commit(out.record);
         Ok(Synced { ops, derive })
     }
@@ -363,7 +371,7 @@ impl Applier for MapsNft {
         };
         let ops = tx.len();
         if !tx.is_empty() {
-            nft_f(transaction_text(&tx), self.timeout)?;
+            nft_f(transaction_text(&tx), self.timeout).map_err(|e| with_ops(e, ops))?;
         }
         self.applied = Some(d);
         Ok(Synced { ops, derive })
@@ -542,9 +550,10 @@ fn run_one(variant: &str, n: usize) -> Row {
                 row.cold_s = Some(t.elapsed().as_secs_f64());
                 row.cold_ops = done.ops;
             }
-            Err(SyncError::Timeout(limit)) => {
+            Err(SyncError::Timeout(limit, ops)) => {
                 eprintln!("{variant_s} at {n}: cold sync stopped after {limit:?}");
                 row.cold_timeout_s = Some(limit.as_secs_f64());
+                row.cold_ops = ops;
                 row.rss_mib = status_mib("VmHWM:");
                 return row;
             }
