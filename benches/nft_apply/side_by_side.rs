@@ -614,6 +614,15 @@ fn run_one(variant: &str, n: usize) -> Row {
     row
 }
 
+/// A plot's file, title, y axis, log scale, and the metric it shows.
+type PlotSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    fn(&Row) -> Option<f64>,
+);
+
 fn series_of(rows: &[Row], metric: fn(&Row) -> Option<f64>) -> Vec<Series> {
     ALL_VARIANTS
         .iter()
@@ -687,7 +696,7 @@ pub fn main() {
         csv.push('\n');
     }
     std::fs::write(dir.join("nft_apply.csv"), &csv).expect("csv");
-    let plots: [(&str, &str, &str, bool, fn(&Row) -> Option<f64>); 4] = [
+    let plots: [PlotSpec; 4] = [
         (
             "one-endpoint-change.svg",
             "One endpoint changes: derive + render + apply, p50 (ms, log scale)",
