@@ -19,7 +19,8 @@
 //!
 //! Settings (environment): CHURN_SERVICES (10000), CHURN_ENDPOINTS (10), CHURN_SECONDS
 //! (300), CHURN_RATE (changes/s, 200), CHURN_MIN_SYNC (1s, upstream's default),
-//! MODES (nftables,iptables), IPT_BACKEND (nft | legacy; legacy cannot be polled, so
+//! MODES (nftables,iptables; also nftables-maps: the maps layout, verified through its
+//! `hairpin` element of the new endpoint), IPT_BACKEND (nft | legacy; legacy cannot be polled, so
 //! there only the daemon's own metrics verify the changes).
 //! Smoke check: `CHURN_SECONDS=30 CHURN_SERVICES=2000 cargo bench --bench churn`.
 
@@ -40,7 +41,7 @@ use daemon::{metrics_text, Daemon, KproxyRun};
 use fake_apiserver::FakeApi;
 use kproxy::model::{Endpoint, Protocol, ServicePortName};
 use kproxy::nftables::names::endpoint_base;
-use kproxy::nftables::transaction::Family;
+use kproxy::nftables::transaction::{Family, KeyValue};
 use netns::Netns;
 
 /// Run settings.
@@ -72,13 +73,16 @@ fn service(i: usize) -> String {
 }
 
 /// The address of Service `i`'s first endpoint in generation `generation`: unique per
-/// (Service, generation) for 64k generations.
+/// (Service, generation) for 50 generations of up to 64k Services (a 5-minute run at
+/// 200 changes/s over 10k Services makes 6), and apart from the other endpoints
+/// (10.128.0.0/10), so the maps layout's `hairpin` element of the address says which
+/// generation reached the kernel.
 fn first_ip(i: usize, generation: usize) -> String {
     format!(
         "10.{}.{}.{}",
-        200 + (generation >> 8) % 50,
-        i % 250,
-        generation & 255
+        200 + generation % 50,
+        (i >> 8) & 255,
+        i & 255
     )
 }
 
@@ -111,8 +115,44 @@ fn slice(i: usize, endpoints: usize, generation: usize, trigger: Option<&str>) -
     )
 }
 
-/// The (table family, table, chain) holding Service `i`'s first endpoint in `generation`.
-fn chain_of(mode: &str, i: usize, generation: usize) -> (Family, &'static str, String) {
+/// What shows that Service `i`'s first endpoint of `generation` is in the kernel.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A chain (upstream's nftables layout: `endpoint-…`; iptables-nft: `KUBE-SEP-…`).
+    Chain(Family, &'static str, String),
+    /// An element (the maps layout: the endpoint's `hairpin` pair, written in the same
+    /// atomic batch as its `backends-*` map entries).
+    Element(Family, &'static str, &'static str, Vec<KeyValue>),
+}
+
+impl Target {
+    fn present(&self, nl: &mut kproxy::nftables::netlink::Netlink) -> bool {
+        match self {
+            Target::Chain(f, table, chain) => nl.chain_exists(*f, table, chain),
+            Target::Element(f, table, set, key) => nl.element_exists(*f, table, set, key),
+        }
+        .unwrap_or(false)
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Target::Chain(_, _, chain) => format!("chain {chain}"),
+            Target::Element(_, _, set, key) => format!("element {key:?} of {set}"),
+        }
+    }
+}
+
+/// Where Service `i`'s first endpoint of `generation` shows in `mode`.
+fn target_of(mode: &str, i: usize, generation: usize) -> Target {
+    let ip: std::net::IpAddr = first_ip(i, generation).parse().expect("endpoint ip");
+    if mode == "nftables-maps" {
+        return Target::Element(
+            Family::Ip,
+            "kproxy",
+            "hairpin",
+            vec![KeyValue::Ip(ip), KeyValue::Ip(ip)],
+        );
+    }
     let spn = ServicePortName {
         namespace: format!("ns{}", i % 50),
         name: format!("svc{i}"),
@@ -120,7 +160,7 @@ fn chain_of(mode: &str, i: usize, generation: usize) -> (Family, &'static str, S
         protocol: Protocol::Tcp,
     };
     let ep = Endpoint {
-        ip: first_ip(i, generation).parse().expect("endpoint ip"),
+        ip,
         port: 8080,
         ready: true,
         serving: true,
@@ -130,13 +170,13 @@ fn chain_of(mode: &str, i: usize, generation: usize) -> (Family, &'static str, S
         node_hints: vec![],
     };
     if mode == "iptables" {
-        (
+        Target::Chain(
             Family::Ip,
             "nat",
             kproxy::iptables::names::endpoint_chain(&spn, &ep),
         )
     } else {
-        (
+        Target::Chain(
             Family::Ip,
             "kube-proxy",
             format!("endpoint-{}", endpoint_base(&spn, &ep)),
@@ -217,11 +257,18 @@ struct Change {
     at: Instant,
     service: usize,
     generation: usize,
-    target: (Family, &'static str, String),
+    target: Target,
 }
 
+/// `mode`: `iptables`, `nftables` (upstream's layout) or `nftables-maps` (the maps
+/// layout).
 fn spawn(ns: &Netns, s: &Settings, mode: &str, kubeconfig: &Path, log: &Path) -> Daemon {
-    KproxyRun::new(ns, kubeconfig, mode)
+    let (proxy_mode, layout) = match mode {
+        "nftables-maps" => ("nftables", "maps"),
+        m => (m, "upstream"),
+    };
+    KproxyRun::new(ns, kubeconfig, proxy_mode)
+        .args(&["--nftables-layout", layout])
         .node("node-1")
         .cluster_cidr("10.128.0.0/10")
         .min_sync(&s.min_sync)
@@ -252,7 +299,7 @@ struct Outcome {
 }
 
 fn case(s: &Settings, mode: &str) -> Outcome {
-    let polled = mode == "nftables" || s.ipt_backend == "nft";
+    let polled = mode != "iptables" || s.ipt_backend == "nft";
     let backend = if mode == "iptables" {
         format!("iptables-{}", s.ipt_backend)
     } else {
@@ -342,8 +389,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
                     }
                 }
                 outstanding.retain(|ch| {
-                    let (family, table, chain) = &ch.target;
-                    if nl.chain_exists(*family, table, chain).unwrap_or(false) {
+                    if ch.target.present(&mut nl) {
                         latencies.lock().unwrap().push(ch.at.elapsed());
                         verified.fetch_add(1, Ordering::SeqCst);
                         let g = seen_generation.entry(ch.service).or_default();
@@ -367,7 +413,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
                     }
                     if ch.at.elapsed() > limit {
                         missed.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("churn: chain {} never appeared", ch.target.2);
+                        eprintln!("churn: {} never appeared", ch.target.name());
                         return false;
                     }
                     true
@@ -439,7 +485,7 @@ fn case(s: &Settings, mode: &str) -> Outcome {
                 at,
                 service: i,
                 generation: generation[i],
-                target: chain_of(mode, i, generation[i]),
+                target: target_of(mode, i, generation[i]),
             });
         }
         if k % 1000 == 0 {

@@ -13,18 +13,25 @@ mod vectors;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kproxy::config::{FamilySettings, Mode};
+use kproxy::config::{FamilySettings, Mode, NftablesLayout};
 use kproxy::diff::live::{self, Scratch};
 use kproxy::diff::Outcome;
 use kproxy::iptables::apply::Backend;
 use kproxy::model::{IpFamily, NodeContext};
 use netns::{require_root, Netns};
 
+/// `mode` is `iptables`, `nftables`, or `nftables-maps` (the maps layout).
 fn demo_args(mode: &str) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (mode, layout) = match mode.split_once('-') {
+        Some((m, layout)) => (m, layout),
+        None => (mode, "upstream"),
+    };
     let mut v = vec![
         "--mode".to_string(),
         mode.to_string(),
+        "--nftables-layout".to_string(),
+        layout.to_string(),
         "--snapshot".into(),
         root.join("testdata/demo/cluster.yaml")
             .display()
@@ -282,6 +289,84 @@ fn nftables_same_after_apply_and_tampering_reported_per_service() {
     );
 }
 
+#[test]
+fn nftables_maps_layout_same_after_apply_and_tampering_reported_per_service() {
+    if !require_root("nftables_maps_layout_same_after_apply_and_tampering_reported_per_service") {
+        return;
+    }
+    const MAPS: &str = "nftables-maps";
+    // The maps layout's `kproxy` table is compared, not upstream's.
+    let ns = applied("dfm1", MAPS);
+    let (code, out, err) = kproxy(&ns, "diff", "nftables");
+    assert_eq!(code, 1, "upstream's table is not there: {out}{err}");
+    assert!(out.contains("missing   table ip kube-proxy"), "{out}");
+
+    // A missing backend: one endpoint element of a load-balancing map, attributed to
+    // its Service port through the destination it is keyed by.
+    let listing = sh(&ns, "nft -j list table ip kproxy");
+    let maps: Vec<String> = listing
+        .split("\"name\": \"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .filter(|n| n.starts_with("backends-ips-"))
+        .map(str::to_string)
+        .collect();
+    let map = maps.first().expect("a backends map").clone();
+    let out = sh(&ns, &format!("nft list map ip kproxy {map}"));
+    let element = out
+        .split("elements = { ")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .unwrap()
+        .trim()
+        .to_string();
+    let key = element.split(" : ").next().unwrap().to_string();
+    sh(
+        &ns,
+        &format!("nft delete element ip kproxy {map} '{{ {key} }}'"),
+    );
+    let (code, report, err) = kproxy(&ns, "diff", MAPS);
+    assert_eq!(code, 1, "{report}{err}");
+    let line = format!("missing   element of ip kproxy {map}: {key} : ");
+    let heading = report
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with(&line))
+        .filter(|l| !l.starts_with(' '))
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        report.lines().any(|l| l.trim_start().starts_with(&line)),
+        "expected `{line}`:\n{report}"
+    );
+    assert!(
+        heading.contains('/'),
+        "the element is reported under its Service port, not `{heading}`:\n{report}"
+    );
+
+    // An extra element, and a changed fixed rule.
+    sh(
+        &ns,
+        "nft add element ip kproxy cluster-ips '{ 172.30.255.254 }'; nft flush chain ip kproxy cluster-ips-check",
+    );
+    let (code, report, _) = kproxy(&ns, "diff", MAPS);
+    assert_eq!(code, 1);
+    assert!(
+        report.contains("extra     element of ip kproxy cluster-ips: 172.30.255.254"),
+        "{report}"
+    );
+    assert!(
+        report.contains("missing   rule in ip kproxy cluster-ips-check"),
+        "{report}"
+    );
+
+    // Applying again repairs it: same.
+    let (code, _, err) = kproxy(&ns, "apply", MAPS);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = kproxy(&ns, "diff", MAPS);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 fn expect_same(
     what: &str,
     mode: Mode,
@@ -293,9 +378,16 @@ fn expect_same(
     let settings = settings.clone();
     let (want, have) = ns.run(move || {
         let scratch = Scratch::new().unwrap();
-        let want = live::desired(&scratch, mode, &settings, &ps, Backend::Default)
-            .unwrap_or_else(|e| panic!("desired: {e}"));
-        let have = live::read(mode, family, Backend::Default).unwrap();
+        let want = live::desired(
+            &scratch,
+            mode,
+            NftablesLayout::Upstream,
+            &settings,
+            &ps,
+            Backend::Default,
+        )
+        .unwrap_or_else(|e| panic!("desired: {e}"));
+        let have = live::read(mode, NftablesLayout::Upstream, family, Backend::Default).unwrap();
         (want, have)
     });
     let label = family.label();

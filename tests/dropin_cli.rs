@@ -242,6 +242,14 @@ fn bad_input_exits_2_naming_the_field() {
         &["--iptables-sync-period"],
     );
     expect_usage_error(&["stray"], &["does not take any arguments"]);
+    expect_usage_error(
+        &[
+            "--shadow",
+            "--proxy-mode=nftables",
+            "--nftables-layout=maps",
+        ],
+        &["--shadow", "--nftables-layout=maps", "kproxy diff"],
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

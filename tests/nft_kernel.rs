@@ -357,3 +357,50 @@ fn cleanup_deletes_only_our_tables_and_is_idempotent() {
     let (_, tables, _) = ns.exec_status(&["nft", "list", "tables"]);
     assert_eq!(tables.trim(), "table ip other");
 }
+
+#[test]
+fn single_element_lookups_find_exactly_the_elements_present() {
+    if !require_root("single_element_lookups_find_exactly_the_elements_present") {
+        return;
+    }
+    use kproxy::model::Protocol;
+    use kproxy::nftables::transaction::KeyValue;
+    let ns = Netns::new("nkel");
+    let text = "add table ip kproxy-el-test
+add set ip kproxy-el-test plain { type ipv4_addr . ipv4_addr ; }
+add map ip kproxy-el-test data { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service ; }
+add element ip kproxy-el-test plain { 10.1.0.1 . 10.1.0.1 }
+add element ip kproxy-el-test data { 172.30.0.1 . tcp . 80 : 10.1.0.1 . 8080 }
+";
+    let (ok, _, err) = ns.exec_status(&["sh", "-c", &format!("printf '%s' '{text}' | nft -f -")]);
+    assert!(ok, "nft -f: {err}");
+    let found = ns.run(|| {
+        let mut nl = Netlink::open().unwrap();
+        let ip = |s: &str| KeyValue::Ip(s.parse().unwrap());
+        let t = "kproxy-el-test";
+        let mut q =
+            |set: &str, key: &[KeyValue]| nl.element_exists(Family::Ip, t, set, key).unwrap();
+        vec![
+            q("plain", &[ip("10.1.0.1"), ip("10.1.0.1")]),
+            q("plain", &[ip("10.1.0.1"), ip("10.1.0.2")]),
+            q(
+                "data",
+                &[
+                    ip("172.30.0.1"),
+                    KeyValue::Proto(Protocol::Tcp),
+                    KeyValue::Port(80),
+                ],
+            ),
+            q(
+                "data",
+                &[
+                    ip("172.30.0.1"),
+                    KeyValue::Proto(Protocol::Udp),
+                    KeyValue::Port(80),
+                ],
+            ),
+            q("no-such-set", &[ip("10.1.0.1")]),
+        ]
+    });
+    assert_eq!(found, vec![true, false, true, false, false]);
+}

@@ -76,6 +76,13 @@ pub fn main(args: &[String]) -> Result<(), CliError> {
             "--shadow writes nothing: it cannot be combined with --cleanup or --init-only",
         ));
     }
+    if shadow && cfg.mode == Mode::Nftables && cfg.nftables_layout == config::NftablesLayout::Maps {
+        // A shadow compares with the rules of a kube-proxy running on the node, which
+        // writes upstream's layout: the maps layout has nothing there to compare with.
+        return Err(CliError::usage(
+            "--shadow compares with kube-proxy's own rules (upstream's layout): it cannot be combined with --nftables-layout=maps; use `kproxy diff --nftables-layout=maps` after switching",
+        ));
+    }
     if cl.cleanup {
         // Upstream's --cleanup removes every mode's rules, for both families.
         return super::apply::cleanup_modes(&[Mode::Iptables, Mode::Nftables]);

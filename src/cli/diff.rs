@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::inputs::{InputArgs, Inputs};
 use super::CliError;
-use crate::config::{FamilySettings, Mode};
+use crate::config::{FamilySettings, Mode, NftablesLayout};
 use crate::diff::live::{self, Scratch};
 use crate::diff::{Outcome, Ruleset};
 use crate::iptables::apply::{detect_backend, Backend, RealExec};
@@ -104,9 +104,11 @@ fn as_apply_would(inputs: &Inputs, settings: &FamilySettings) -> FamilySettings 
     s
 }
 
-/// Compares every family of `inputs` with the live rules.
+/// Compares every family of `inputs` with the live rules (nftables mode: the table of
+/// the configured layout).
 pub fn compare(inputs: &Inputs) -> Result<Outcome, CliError> {
     let mode = inputs.config.mode;
+    let layout = inputs.config.nftables_layout;
     let backend = match mode {
         Mode::Iptables => detect_backend(&RealExec),
         Mode::Nftables => Backend::Default,
@@ -114,12 +116,13 @@ pub fn compare(inputs: &Inputs) -> Result<Outcome, CliError> {
     let err = |e: live::LiveError| CliError::usage(e.to_string());
     let scratch = Scratch::new().map_err(err)?;
     let (mut desired, mut current) = (Ruleset::default(), Ruleset::default());
+    let mut states = Vec::new();
     for settings in &inputs.families {
         let s = as_apply_would(inputs, settings);
         let label = s.family.label();
         let state = inputs.state.proxy_state(s.family, &inputs.node);
-        let want = live::desired(&scratch, mode, &s, &state, backend).map_err(err)?;
-        let have = live::read(mode, s.family, backend).map_err(err)?;
+        let want = live::desired(&scratch, mode, layout, &s, &state, backend).map_err(err)?;
+        let have = live::read(mode, layout, s.family, backend).map_err(err)?;
         desired.extend(
             live::parse(mode, label, &want)
                 .map_err(|e| CliError::usage(format!("desired rules: {e}")))?,
@@ -128,6 +131,11 @@ pub fn compare(inputs: &Inputs) -> Result<Outcome, CliError> {
             live::parse(mode, label, &have)
                 .map_err(|e| CliError::usage(format!("live rules: {e}")))?,
         );
+        states.push(state);
+    }
+    if mode == Mode::Nftables && layout == NftablesLayout::Maps {
+        let states: Vec<_> = states.iter().collect();
+        return Ok(Outcome::maps(&states, desired, current));
     }
     Ok(Outcome::new(mode, desired, current))
 }

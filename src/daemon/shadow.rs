@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::metrics::Metrics;
-use crate::config::{FamilySettings, Mode};
+use crate::config::{FamilySettings, Mode, NftablesLayout};
 use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
 use crate::diff::live::{self, Scratch};
 use crate::diff::{Outcome, Ruleset};
@@ -82,7 +82,13 @@ impl ShadowDataplane {
     ) -> Result<ShadowDataplane, live::LiveError> {
         let family = settings.family;
         Ok(ShadowDataplane {
-            inner: live::scratch_plane(mode, settings, backend, sync_period),
+            inner: live::scratch_plane(
+                mode,
+                NftablesLayout::Upstream,
+                settings,
+                backend,
+                sync_period,
+            ),
             scratch: Scratch::new()?,
             mode,
             family,
@@ -105,10 +111,11 @@ impl ShadowDataplane {
         let (mode, family, backend) = (self.mode, self.family, self.backend);
         let want = self
             .scratch
-            .run(|| live::read(mode, family, backend))
+            .run(|| live::read(mode, NftablesLayout::Upstream, family, backend))
             .and_then(|r| r)
             .map_err(|e| self.error(e))?;
-        let have = live::read(mode, family, backend).map_err(|e| self.error(e))?;
+        let have = live::read(mode, NftablesLayout::Upstream, family, backend)
+            .map_err(|e| self.error(e))?;
         let parse = |text: &str| -> Result<Ruleset, DataplaneError> {
             live::parse(mode, family.label(), text).map_err(|e| self.error(e))
         };

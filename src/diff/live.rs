@@ -6,13 +6,13 @@
 use std::fs::File;
 use std::process::Command;
 
-use crate::config::{FamilySettings, Mode};
+use crate::config::{FamilySettings, Mode, NftablesLayout};
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::iptables::apply::{Backend, Binaries, RealExec};
 use crate::iptables::dataplane::IptablesDataplane;
 use crate::model::{IpFamily, ProxyState};
 use crate::nftables::dataplane::NftDataplane;
-use crate::nftables::render::TABLE;
+use crate::nftables::maps::dataplane::MapsDataplane;
 use crate::nftables::transaction::Family;
 
 /// Why live or desired rules could not be read.
@@ -68,10 +68,19 @@ pub(crate) fn iptables_save(bins: &Binaries) -> Result<String, LiveError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `nft -s list table <family> kube-proxy` in the current network namespace; empty
-/// when the table does not exist.
-pub fn nft_list(family: Family) -> Result<String, LiveError> {
-    let out = run("nft", &["-s", "list", "table", family.as_str(), TABLE])?;
+/// The nftables table a layout writes: upstream's `kube-proxy`, or the maps layout's
+/// `kproxy`.
+pub fn table_of(layout: NftablesLayout) -> &'static str {
+    match layout {
+        NftablesLayout::Upstream => crate::nftables::render::TABLE,
+        NftablesLayout::Maps => crate::nftables::maps::TABLE,
+    }
+}
+
+/// `nft -s list table <family> <table>` in the current network namespace; empty when
+/// the table does not exist.
+pub fn nft_list(family: Family, table: &str) -> Result<String, LiveError> {
+    let out = run("nft", &["-s", "list", "table", family.as_str(), table])?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -80,7 +89,7 @@ pub fn nft_list(family: Family) -> Result<String, LiveError> {
         return Ok(String::new());
     }
     Err(LiveError::Command {
-        cmd: format!("nft -s list table {} {TABLE}", family.as_str()),
+        cmd: format!("nft -s list table {} {table}", family.as_str()),
         code: out.status.code().unwrap_or(-1),
         stderr,
     })
@@ -147,9 +156,11 @@ fn ensure_nfacct(settings: &FamilySettings) {
     }
 }
 
-/// One family's dataplane in `mode`, for applying inside a scratch namespace.
+/// One family's dataplane in `mode` (and nftables `layout`), for applying inside a
+/// scratch namespace.
 pub(crate) fn scratch_plane(
     mode: Mode,
+    layout: NftablesLayout,
     settings: FamilySettings,
     backend: Backend,
     sync_period: std::time::Duration,
@@ -164,15 +175,24 @@ pub(crate) fn scratch_plane(
                 sync_period,
             ))
         }
-        Mode::Nftables => Box::new(NftDataplane::new(settings)),
+        Mode::Nftables => match layout {
+            NftablesLayout::Upstream => Box::new(NftDataplane::new(settings)),
+            NftablesLayout::Maps => Box::new(MapsDataplane::new(settings)),
+        },
     }
 }
 
-/// Reads one family's rules of `mode` in the current network namespace.
-pub fn read(mode: Mode, family: IpFamily, backend: Backend) -> Result<String, LiveError> {
+/// Reads one family's rules of `mode` (nftables: the `layout`'s table) in the current
+/// network namespace.
+pub fn read(
+    mode: Mode,
+    layout: NftablesLayout,
+    family: IpFamily,
+    backend: Backend,
+) -> Result<String, LiveError> {
     match mode {
         Mode::Iptables => iptables_save(&Binaries::new(family, backend)),
-        Mode::Nftables => nft_list(Family::of(family)),
+        Mode::Nftables => nft_list(Family::of(family), table_of(layout)),
     }
 }
 
@@ -181,6 +201,7 @@ pub fn read(mode: Mode, family: IpFamily, backend: Backend) -> Result<String, Li
 pub fn desired(
     scratch: &Scratch,
     mode: Mode,
+    layout: NftablesLayout,
     settings: &FamilySettings,
     state: &ProxyState,
     backend: Backend,
@@ -192,12 +213,13 @@ pub fn desired(
         let family = settings.family;
         let mut dp = scratch_plane(
             mode,
+            layout,
             settings.clone(),
             backend,
             std::time::Duration::from_secs(30),
         );
         dp.sync(state, true).map_err(LiveError::Apply)?;
-        read(mode, family, backend)
+        read(mode, layout, family, backend)
     })?
 }
 

@@ -9,6 +9,7 @@
 
 pub mod iptables;
 pub mod live;
+mod maps;
 pub mod nftables;
 pub mod report;
 
@@ -176,6 +177,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Compares two maps-layout rulesets (`kproxy` tables), attributing elements
+    /// through the cluster `states` (one per family) the desired side came from.
+    pub fn maps(states: &[&crate::model::ProxyState], desired: Ruleset, live: Ruleset) -> Outcome {
+        let differences = compare(&desired, &live, &maps::MapsOwners::learn(states));
+        Outcome {
+            desired,
+            live,
+            differences,
+        }
+    }
+
     /// Compares two rulesets of `mode`, attributing with that mode's naming.
     pub fn new(mode: crate::config::Mode, desired: Ruleset, live: Ruleset) -> Outcome {
         let differences = match mode {

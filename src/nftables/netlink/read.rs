@@ -128,6 +128,28 @@ impl Netlink {
         })?;
         Ok(reply.is_ok_and(|msgs| !msgs.is_empty()))
     }
+
+    /// Whether one element is in a set (a single GETSETELEM for its key, no dump:
+    /// cheap however large the set is). For plain sets and maps with exact keys.
+    pub fn element_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        set: &str,
+        key: &[KeyValue],
+    ) -> Result<bool, NetlinkError> {
+        let reply = self.request(NFT_MSG_GETSETELEM, family, 0, |m| {
+            let mut s = Self::set_request(table, Some(set))?;
+            let mut e = crate::sys::nftnl::SetElem::new()?;
+            e.data(
+                nftnl_sys::NFTNL_SET_ELEM_KEY,
+                &super::encode::key_bytes(key, false),
+            )?;
+            s.add_elem(e);
+            Ok(s.build_elems(m)?)
+        })?;
+        Ok(reply.is_ok_and(|msgs| !msgs.is_empty()))
+    }
 }
 
 /// Decodes one element of a managed container (`None` if it is not one kproxy

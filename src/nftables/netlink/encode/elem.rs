@@ -60,7 +60,7 @@ impl ElemSpec {
 
 /// Key (or data) bytes: each component of a concatenation padded to 32 bits (the
 /// registers it is loaded into); a prefix is its first address, or with `end` its last.
-pub(super) fn key_bytes(key: &[KeyValue], end: bool) -> Vec<u8> {
+pub(in crate::nftables::netlink) fn key_bytes(key: &[KeyValue], end: bool) -> Vec<u8> {
     let concat = key.len() > 1;
     let mut out = Vec::new();
     for k in key {

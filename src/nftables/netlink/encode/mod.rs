@@ -27,6 +27,7 @@ use crate::sys::nftnl::{
     Chain as NlChain, Expr as NlExpr, NlMsg, Rule as NlRule, Set as NlSet, Table,
 };
 
+pub(in crate::nftables::netlink) use elem::key_bytes;
 use elem::ElemSpec;
 
 /// Elements per NEWSETELEM message: keeps each message well under the 64 KiB that
