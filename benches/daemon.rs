@@ -4,9 +4,9 @@
 //! `iptables` — each case in its own child process. Reports the time to the first sync,
 //! the daemon's resident memory after it (and its peak), and for `CHANGES` (default 50)
 //! single-endpoint EndpointSlice changes (p50 / p99): the time from the change at the
-//! API server to the new endpoint's chain being in the kernel (polled over netlink:
-//! upstream's nftables layout, or iptables mode on the iptables-nft backend; the maps
-//! layout has no per-endpoint chain), the daemon's own
+//! API server to the new endpoint being in the kernel (polled over netlink: its chain in
+//! upstream's nftables layout or on the iptables-nft backend, its `hairpin` element in
+//! the maps layout), the daemon's own
 //! `kubeproxy_sync_partial_proxy_rules_duration_seconds` for the sync that applied the
 //! change, and its `kubeproxy_network_programming_duration_seconds` (trigger time stamped
 //! on the slice → rules applied). Then, unless `RESTART=0`, the first sync after a
@@ -31,6 +31,7 @@ use daemon::{metrics_text, KproxyRun};
 use fake_apiserver::FakeApi;
 use kproxy::model::{Endpoint, Protocol, ServicePortName};
 use kproxy::nftables::names::endpoint_base;
+use kproxy::nftables::transaction::{Family, KeyValue};
 use netns::Netns;
 
 fn service(i: usize) -> String {
@@ -71,8 +72,23 @@ fn slice(i: usize, first: u8, trigger: Option<&str>) -> String {
     )
 }
 
-/// The table and chain the new endpoint of Service `i` gets in `mode`.
-fn chain_of(mode: &str, i: usize, first: u8) -> (&'static str, String) {
+/// What shows that the new endpoint of Service `i` is in the kernel.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Upstream's nftables layout (`kube-proxy` table) and iptables-nft (`nat`): the
+    /// endpoint's chain.
+    Chain(&'static str, String),
+    /// The maps layout: the endpoint's `hairpin` pair, written in the same atomic batch
+    /// as its `backends-*` map entries.
+    Element(Vec<KeyValue>),
+}
+
+/// Where the new endpoint (`10.200.<i % 200>.<first>`) of Service `i` shows in `mode`.
+fn target_of(mode: &str, i: usize, first: u8) -> Target {
+    let ip: std::net::IpAddr = format!("10.200.{}.{first}", i % 200).parse().unwrap();
+    if mode == "nftables-maps" {
+        return Target::Element(vec![KeyValue::Ip(ip), KeyValue::Ip(ip)]);
+    }
     let spn = ServicePortName {
         namespace: format!("ns{}", i % 50),
         name: format!("svc{i}"),
@@ -80,7 +96,7 @@ fn chain_of(mode: &str, i: usize, first: u8) -> (&'static str, String) {
         protocol: Protocol::Tcp,
     };
     let ep = Endpoint {
-        ip: format!("10.200.{}.{first}", i % 200).parse().unwrap(),
+        ip,
         port: 8080,
         ready: true,
         serving: true,
@@ -90,30 +106,33 @@ fn chain_of(mode: &str, i: usize, first: u8) -> (&'static str, String) {
         node_hints: vec![],
     };
     if mode == "iptables" {
-        ("nat", kproxy::iptables::names::endpoint_chain(&spn, &ep))
+        Target::Chain("nat", kproxy::iptables::names::endpoint_chain(&spn, &ep))
     } else {
-        (
+        Target::Chain(
             "kube-proxy",
             format!("endpoint-{}", endpoint_base(&spn, &ep)),
         )
     }
 }
 
-/// Polls for a chain over netlink from a thread inside the namespace (spawning `nft`
-/// per poll would dominate what is measured).
-fn wait_chain(ns: &Netns, target: &(&'static str, String), limit: Duration) -> Duration {
-    let (table, chain) = (target.0, target.1.clone());
+/// Polls for the target over netlink from a thread inside the namespace (spawning `nft`
+/// per poll would dominate what is measured): one GETCHAIN or GETSETELEM per poll.
+fn wait_target(ns: &Netns, target: &Target, limit: Duration) -> Duration {
+    let target = target.clone();
     ns.run(move || {
         let mut nl = kproxy::nftables::netlink::Netlink::open().unwrap();
         let t = Instant::now();
         loop {
-            if nl
-                .chain_exists(kproxy::nftables::transaction::Family::Ip, table, &chain)
-                .unwrap_or(false)
-            {
+            let present = match &target {
+                Target::Chain(table, chain) => nl.chain_exists(Family::Ip, table, chain),
+                Target::Element(key) => {
+                    nl.element_exists(Family::Ip, kproxy::nftables::maps::TABLE, "hairpin", key)
+                }
+            };
+            if present.unwrap_or(false) {
                 return t.elapsed();
             }
-            assert!(t.elapsed() < limit, "chain {chain} never appeared");
+            assert!(t.elapsed() < limit, "{target:?} never appeared");
             std::thread::sleep(Duration::from_micros(500));
         }
     })
@@ -175,7 +194,7 @@ struct Row {
     restart_sync_s: Option<f64>,
     rss_mib: f64,
     peak_rss_mib: f64,
-    /// change at the API server → chain in the kernel (ms): p50, p99
+    /// change at the API server → the endpoint in the kernel (ms): p50, p99
     kernel: (Option<f64>, Option<f64>),
     partial: (Option<f64>, Option<f64>),
     programming: (Option<f64>, Option<f64>),
@@ -247,9 +266,9 @@ fn case(mode_label: &str, n: usize) -> Row {
         "netlink".into()
     };
     let changes: usize = report::env_or("CHANGES", 50);
-    // Chains can be polled over netlink in upstream's nftables layout and on the
-    // iptables-nft backend; the maps layout has no per-endpoint chain.
-    let polled = (mode == "nftables" && !maps) || backend == "nft";
+    // Polled over netlink: nftables (a chain, or the maps layout's element) and the
+    // iptables-nft backend (a chain).
+    let polled = mode == "nftables" || backend == "nft";
     let ns =
         Netns::create(format!("{}-dmn", netns::unique_stem())).unwrap_or_else(|e| panic!("{e}"));
     let api = ns.run(FakeApi::start);
@@ -284,8 +303,8 @@ fn case(mode_label: &str, n: usize) -> Row {
     // The daemon's own last-sync timestamp marks the first sync as complete (a chain
     // appearing is not enough: large syncs go in pieces, the dispatch rules last).
     wait_synced(&ns, Duration::from_secs(1800));
-    if polled {
-        wait_chain(&ns, &chain_of(mode, n - 1, 1), Duration::from_secs(60));
+    if polled && !maps {
+        wait_target(&ns, &target_of(mode, n - 1, 1), Duration::from_secs(60));
     }
     let first_sync = start.elapsed();
     std::thread::sleep(Duration::from_secs(2));
@@ -305,7 +324,7 @@ fn case(mode_label: &str, n: usize) -> Row {
         let t = Instant::now();
         api.apply(&slice(i, ip, Some(&stamp)));
         if polled {
-            wait_chain(&ns, &chain_of(mode, i, ip), Duration::from_secs(120));
+            wait_target(&ns, &target_of(mode_label, i, ip), Duration::from_secs(120));
             lat.push(t.elapsed());
         }
         // The daemon's own measure of the same change (upstream's metric).
@@ -446,7 +465,7 @@ fn main() {
         }
     }
     println!("started {started}");
-    println!("| mode (backend) | services × endpoints | first sync after start | first sync after a restart | daemon RSS (peak) | change → chain in kernel, p50 / p99 | partial sync, p50 / p99 | network_programming_duration, p50 / p99 | load |");
+    println!("| mode (backend) | services × endpoints | first sync after start | first sync after a restart | daemon RSS (peak) | change → in the kernel (chain, maps: element), p50 / p99 | partial sync, p50 / p99 | network_programming_duration, p50 / p99 | load |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
