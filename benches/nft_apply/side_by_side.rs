@@ -24,7 +24,9 @@
 //! Knobs: `SIZES` (default 1000,10000,30000), `VARIANTS` (default
 //! upstream-netlink,maps-netlink,upstream-nft), `NFT_MAX` (largest size for the `nft`
 //! variants, default 30000), `FIRST_PACKET=0`, `BENCH_OUT` (CSV and SVG plots; default
-//! `docs/bench-maps` of the source tree).
+//! `docs/bench-maps` of the source tree), `APPEND=1` (keep the rows of the CSV already
+//! there that this run does not measure again, and plot them all; with `SIZES=` empty it
+//! only redraws the plots).
 //!
 //! Namespaces are named `kpdp-<child pid>-…`: the parent removes a child's namespaces
 //! when it ends (also when it was killed or interrupted: the parent ignores SIGINT while a
@@ -705,6 +707,27 @@ pub fn main() {
     }
     let dir = out_dir();
     std::fs::create_dir_all(&dir).expect("output directory");
+    if env_or("APPEND", 0) != 0 {
+        // Keep the rows of an earlier run that this one did not measure again.
+        let old = std::fs::read_to_string(dir.join("nft_apply.csv")).unwrap_or_default();
+        let kept: Vec<Row> = old
+            .lines()
+            .skip(1)
+            .filter_map(Row::parse)
+            .filter(|o| {
+                !rows
+                    .iter()
+                    .any(|r| r.variant == o.variant && r.services == o.services)
+            })
+            .collect();
+        rows.extend(kept);
+        rows.sort_by_key(|r| {
+            (
+                r.services,
+                ALL_VARIANTS.iter().position(|v| *v == r.variant),
+            )
+        });
+    }
     let mut csv = format!("{}\n", Row::HEADER);
     for r in &rows {
         csv.push_str(&r.csv());

@@ -144,6 +144,8 @@ pub(crate) fn plot(
                 .configure_mesh()
                 .x_desc("Services (× 10 endpoints)")
                 .y_desc(y_desc)
+                .x_label_formatter(&|x| size_label(*x))
+                .y_label_formatter(&|y| value_label(*y))
                 .draw()?;
             for (s, color) in series.iter().zip(COLORS.iter().cycle()) {
                 let color = *color;
@@ -182,4 +184,26 @@ pub(crate) fn plot(
     }
     root.present()?;
     Ok(())
+}
+
+/// An x-axis label: "1k", "3k", "10k", "30k", … for the round sizes, nothing for the
+/// intermediate marks of a log axis.
+fn size_label(x: f64) -> String {
+    let k = x / 1000.0;
+    let round = [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0];
+    match round.iter().find(|r| (k - **r).abs() < 1e-6) {
+        Some(r) if *r < 1.0 => format!("{}", r * 1000.0),
+        Some(r) => format!("{r}k"),
+        None => String::new(),
+    }
+}
+
+/// A y-axis label without trailing zeros.
+fn value_label(y: f64) -> String {
+    if y >= 10.0 {
+        format!("{y:.0}")
+    } else {
+        let s = format!("{y:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
