@@ -14,7 +14,8 @@
 //! iptables mode runs on iptables-legacy unless IPT_BACKEND=nft: iptables-nft-restore
 //! takes many minutes for a 10k-Service first sync.
 //! Run: `cargo bench --bench daemon` (SIZES=1000,10000, MODES=nftables,nftables-maps
-//! (add iptables), CHANGES, RESTART, BENCH_OUT=dir for daemon.csv and daemon-change.svg).
+//! (add iptables), CHANGES, RESTART, BENCH_OUT=dir for daemon.csv and daemon-change.svg,
+//! APPEND=1 to keep the rows of the CSV there that this run does not measure again).
 
 #[path = "../tests/support/daemon.rs"]
 mod daemon;
@@ -425,6 +426,22 @@ fn main() {
     if std::env::var_os("BENCH_OUT").is_some() {
         let dir = report::out_dir();
         std::fs::create_dir_all(&dir).expect("output directory");
+        if report::env_or("APPEND", 0) != 0 {
+            // Keep the rows of an earlier run that this one did not measure again.
+            let old = std::fs::read_to_string(dir.join("daemon.csv")).unwrap_or_default();
+            let kept: Vec<Row> = old
+                .lines()
+                .skip(1)
+                .filter_map(Row::parse)
+                .filter(|o| {
+                    !rows
+                        .iter()
+                        .any(|r| r.mode == o.mode && r.services == o.services)
+                })
+                .collect();
+            rows.extend(kept);
+            rows.sort_by(|a, b| (&a.mode, a.services).cmp(&(&b.mode, b.services)));
+        }
         let mut csv = format!("{}\n", Row::HEADER);
         for r in &rows {
             csv.push_str(&r.csv());
