@@ -6,6 +6,10 @@
 
 #![warn(unreachable_pub)]
 
+// Lets unit tests share the integration tests' helpers, which name the crate.
+#[cfg(test)]
+extern crate self as kproxy;
+
 pub mod cli;
 pub mod config;
 pub mod conntrack;

@@ -29,3 +29,19 @@ pub struct Existing {
     /// them, but nothing kproxy decides depends on them).
     pub elements: Vec<Element>,
 }
+
+/// A table read back whole, for a layout that diffs full syncs against the kernel
+/// (the `maps` layout): chains with their rules' comments, set names, and the typed
+/// elements (data values, interval ends decoded as prefixes, verdicts) of the sets the
+/// caller declared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableContents {
+    /// Chain name -> the comment of each of its rules, in order (`None`: no comment).
+    /// Rules are not decoded: a layout that wants to know whether a chain holds what
+    /// it would write stamps its rules (see the `maps` dataplane's digests).
+    pub chains: std::collections::BTreeMap<String, Vec<Option<String>>>,
+    /// Named set and map names (anonymous sets are left out).
+    pub sets: BTreeSet<String>,
+    /// Elements of the declared sets, without comments.
+    pub elements: Vec<Element>,
+}

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::existing::{Existing, MANAGED_SETS};
+use super::existing::{Existing, TableContents, MANAGED_SETS};
 use super::interface::NftInterface;
 use super::text::{element_body, op_line, rule_body};
 use super::transaction::{Chain, Element, Expr, Family, Op, Rule, Set, Transaction, Verdict};
@@ -90,6 +90,39 @@ impl Fake {
             .collect();
         Some(Existing {
             chains: self.chains.keys().cloned().collect(),
+            sets: self.sets.keys().cloned().collect(),
+            elements,
+        })
+    }
+
+    /// The table as [`NftInterface::read_contents`] reports it: rules' comments per
+    /// chain, set names, and the elements (without comments) of the sets `declared`.
+    pub fn contents(&self, declared: &dyn Fn(&str) -> Option<Set>) -> Option<TableContents> {
+        if !self.exists {
+            return None;
+        }
+        let chains = self
+            .chains
+            .iter()
+            .map(|(n, c)| {
+                (
+                    n.clone(),
+                    c.rules.iter().map(|r| r.comment.clone()).collect(),
+                )
+            })
+            .collect();
+        let elements = self
+            .sets
+            .iter()
+            .filter(|(n, _)| declared(n).is_some())
+            .flat_map(|(_, s)| s.elements.values())
+            .map(|e| Element {
+                comment: None,
+                ..e.clone()
+            })
+            .collect();
+        Some(TableContents {
+            chains,
             sets: self.sets.keys().cloned().collect(),
             elements,
         })
@@ -247,7 +280,15 @@ impl Fake {
                     }
                 }
                 let set = self.sets.get_mut(&e.set).ok_or("no such set")?;
-                set.elements.insert(e.key_text(), e.clone());
+                // As the kernel: re-adding an element is fine, changing its data or
+                // verdict is not (EBUSY); a change is a delete and an add.
+                let id = e.key_text();
+                if let Some(old) = set.elements.get(&id) {
+                    if old.data != e.data || old.value != e.value {
+                        return Err("element exists with other data".into());
+                    }
+                }
+                set.elements.insert(id, e.clone());
             }
             Op::DeleteElement(e) => {
                 let set = self.sets.get_mut(&e.set).ok_or("no such set")?;
@@ -309,6 +350,8 @@ struct FakeNftState {
     tables: BTreeMap<(&'static str, String), Fake>,
     fail_next: usize,
     applied: Vec<Transaction>,
+    /// Committed batches, as the kernel's generation counts them.
+    generation: u32,
 }
 
 /// Why a [`FakeNft`] call failed.
@@ -363,7 +406,10 @@ impl FakeNft {
     #[cfg(test)]
     /// Deletes a table behind the dataplane's back (as `nft flush ruleset` would).
     pub(crate) fn remove_table(&self, family: Family, name: &str) {
-        self.with(|s| s.tables.remove(&(family.as_str(), name.to_string())));
+        self.with(|s| {
+            s.generation = s.generation.wrapping_add(1);
+            s.tables.remove(&(family.as_str(), name.to_string()))
+        });
     }
 }
 
@@ -378,11 +424,17 @@ impl NftInterface for FakeNft {
             }
             let key = (tx.family.as_str(), tx.table.clone());
             let table = s.tables.entry(key.clone()).or_default();
+            let before = table.clone();
             let result = table.apply(tx);
+            // As the kernel: a batch that changes nothing commits nothing.
+            let changed = *table != before;
             if !table.exists() {
                 s.tables.remove(&key);
             }
             result?;
+            if changed {
+                s.generation = s.generation.wrapping_add(1);
+            }
             s.applied.push(tx.clone());
             Ok(())
         })
@@ -394,6 +446,23 @@ impl NftInterface for FakeNft {
         table: &str,
     ) -> Result<Option<Existing>, FakeNftError> {
         Ok(self.table(family, table).existing())
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, FakeNftError> {
+        Ok(Some(self.with(|s| s.generation)))
+    }
+
+    fn read_contents(
+        &mut self,
+        family: Family,
+        table: &str,
+        declared: &dyn Fn(&str) -> Option<Set>,
+    ) -> Result<Option<TableContents>, FakeNftError> {
+        Ok(self.with(|s| {
+            s.tables
+                .get(&(family.as_str(), table.to_string()))
+                .and_then(|t| t.contents(declared))
+        }))
     }
 
     fn chain_exists(

@@ -195,7 +195,7 @@ macro_rules! object {
                 msg.check()
             }
 
-            // Read-back only looks at chains and sets; tables and rules share the macro.
+            // Read-back looks at chains, rules and sets; tables share the macro.
             #[allow(dead_code)]
             fn get_str(&self, attr: u32) -> Option<String> {
                 // SAFETY: live object; a non-NULL result is a NUL-terminated string
@@ -293,6 +293,41 @@ impl Chain {
 }
 
 impl Rule {
+    /// Parses a rule from a kernel message; `None` if libnftnl cannot.
+    pub(crate) fn parse(msg: &[u8]) -> Option<Rule> {
+        if !whole_message(msg) {
+            return None;
+        }
+        let words = aligned(msg);
+        let r = Rule::new().ok()?;
+        // SAFETY: `words` holds one whole, aligned netlink message; `r` is live.
+        let rc = unsafe { sys::nftnl_rule_nlmsg_parse(words.as_ptr() as *const _, r.ptr.as_ptr()) };
+        (rc >= 0).then_some(r)
+    }
+
+    /// Its table and chain.
+    pub(crate) fn table_and_chain(&self) -> Option<(String, String)> {
+        Some((
+            self.get_str(sys::NFTNL_RULE_TABLE)?,
+            self.get_str(sys::NFTNL_RULE_CHAIN)?,
+        ))
+    }
+
+    /// Its user data (nft's comment TLVs), copied out.
+    pub(crate) fn userdata(&self) -> Option<Vec<u8>> {
+        let mut len = 0u32;
+        // SAFETY: live rule; a non-NULL result points at `len` bytes the rule owns,
+        // copied before the rule can change.
+        unsafe {
+            let p = sys::nftnl_rule_get_data(
+                self.ptr.as_ptr(),
+                sys::NFTNL_RULE_USERDATA as u16,
+                &mut len,
+            ) as *const u8;
+            (!p.is_null()).then(|| std::slice::from_raw_parts(p, len as usize).to_vec())
+        }
+    }
+
     /// Appends an expression; the rule owns it from now on.
     pub(crate) fn add_expr(&mut self, e: Expr) {
         self.budget += e.budget;
@@ -376,14 +411,15 @@ impl Set {
                 if e.is_null() {
                     break;
                 }
-                let mut len = 0u32;
-                let kp = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len)
-                    as *const u8;
-                let key = if kp.is_null() {
-                    None
-                } else {
-                    Some(std::slice::from_raw_parts(kp, len as usize).to_vec())
+                // A binary attribute, copied out (None when the element has none).
+                let bytes = |attr: u32| {
+                    let mut len = 0u32;
+                    let p = sys::nftnl_set_elem_get(e, attr as u16, &mut len) as *const u8;
+                    (!p.is_null()).then(|| std::slice::from_raw_parts(p, len as usize).to_vec())
                 };
+                let key = bytes(sys::NFTNL_SET_ELEM_KEY);
+                let key_end = bytes(sys::NFTNL_SET_ELEM_KEY_END);
+                let data = bytes(sys::NFTNL_SET_ELEM_DATA);
                 // Not `nftnl_set_elem_get_u32`: it dereferences the attribute without
                 // checking that the element has one (set elements have no verdict).
                 let mut vlen = 0u32;
@@ -395,6 +431,8 @@ impl Set {
                     (!cp.is_null()).then(|| CStr::from_ptr(cp).to_string_lossy().into_owned());
                 out.push(ElemView {
                     key,
+                    key_end,
+                    data,
                     verdict,
                     chain,
                 });
@@ -410,6 +448,10 @@ impl Set {
 pub(crate) struct ElemView {
     /// The key bytes, if it has a key.
     pub(crate) key: Option<Vec<u8>>,
+    /// The last key of an interval (concatenated interval sets).
+    pub(crate) key_end: Option<Vec<u8>>,
+    /// A data-map value (`addr . port` of an endpoint).
+    pub(crate) data: Option<Vec<u8>>,
     /// The verdict code (map elements).
     pub(crate) verdict: Option<i32>,
     /// The verdict's chain (jump/goto).

@@ -18,7 +18,7 @@ use crate::nftables::transaction::{
 /// The table the maps layout owns in each family (never upstream's `kube-proxy`, so
 /// the two layouts cannot mix).
 pub const TABLE: &str = "kproxy";
-const TABLE_COMMENT: &str = "rules for kproxy (maps layout)";
+pub(crate) const TABLE_COMMENT: &str = "rules for kproxy (maps layout)";
 
 /// Active ClusterIPs (invalid ports are rejected).
 pub(crate) const CLUSTER_IPS: &str = "cluster-ips";

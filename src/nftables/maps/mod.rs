@@ -14,6 +14,7 @@ pub(crate) mod affinity;
 pub mod dataplane;
 pub mod layout;
 pub mod probe;
+pub(crate) mod record;
 pub mod render;
 
 pub use layout::TABLE;

@@ -282,6 +282,15 @@ mod tests {
             self.0.read_table(family, table)
         }
 
+        fn read_contents(
+            &mut self,
+            family: Family,
+            table: &str,
+            declared: &dyn Fn(&str) -> Option<crate::nftables::transaction::Set>,
+        ) -> Result<Option<crate::nftables::existing::TableContents>, Self::Error> {
+            self.0.read_contents(family, table, declared)
+        }
+
         fn chain_exists(
             &mut self,
             family: Family,

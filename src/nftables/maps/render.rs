@@ -71,7 +71,7 @@ fn verdict_element(set: &str, key: &[KeyValue], verdict: &Verdict) -> Element {
     }
 }
 
-fn affinity_set(family: Family, name: &str, timeout: u32) -> Set {
+pub(crate) fn affinity_set(family: Family, name: &str, timeout: u32) -> Set {
     Set {
         name: name.to_string(),
         is_map: false,
@@ -83,7 +83,7 @@ fn affinity_set(family: Family, name: &str, timeout: u32) -> Set {
     }
 }
 
-fn chain(name: &str) -> Chain {
+pub(crate) fn chain(name: &str) -> Chain {
     Chain {
         name: name.to_string(),
         base: None,
@@ -133,6 +133,14 @@ impl MapsRenderer {
         for port in &state.ports {
             self.port_elements(port, &mut d);
         }
+        d
+    }
+
+    /// One service port's share of [`MapsRenderer::desired`] (without the NodePort
+    /// addresses every table has): the dataplane keeps the table port by port.
+    pub(crate) fn port_desired(&self, port: &PortPlan) -> Desired {
+        let mut d = Desired::default();
+        self.port_elements(port, &mut d);
         d
     }
 

@@ -4,7 +4,9 @@
 pub(super) const NFT_MSG_NEWTABLE: u16 = 0;
 pub(super) const NFT_MSG_DELTABLE: u16 = 2;
 pub(super) const NFT_MSG_NEWCHAIN: u16 = 3;
+pub(super) const NFT_MSG_GETTABLE: u16 = 1;
 pub(super) const NFT_MSG_GETCHAIN: u16 = 4;
+pub(super) const NFT_MSG_GETRULE: u16 = 7;
 pub(super) const NFT_MSG_DELCHAIN: u16 = 5;
 pub(super) const NFT_MSG_NEWRULE: u16 = 6;
 pub(super) const NFT_MSG_DELRULE: u16 = 8;
@@ -16,6 +18,8 @@ pub(super) const NFT_MSG_GETSETELEM: u16 = 13;
 pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
 pub(super) const NFT_MSG_NEWGEN: u16 = 15;
 pub(super) const NFT_MSG_GETGEN: u16 = 16;
+/// The generation id attribute of a NEWGEN message.
+pub(super) const NFTA_GEN_ID: u16 = 1;
 pub(super) const NLM_F_ACK: u16 = 0x4;
 pub(super) const NLM_F_CREATE: u16 = 0x400;
 pub(super) const NLM_F_APPEND: u16 = 0x800;

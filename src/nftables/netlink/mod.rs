@@ -16,10 +16,10 @@ mod read;
 use abi::{NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFT_MSG_NEWGEN, NLM_F_ACK};
 use encode::{encode, AnonNames};
 
-use super::existing::Existing;
+use super::existing::{Existing, TableContents};
 use super::interface::NftInterface;
 use super::text::op_line;
-use super::transaction::{Family, Transaction};
+use super::transaction::{Family, Set, Transaction};
 use crate::sys::nftnl::NlMsg;
 use crate::sys::socket::{NetlinkSocket, NLMSG_DONE, NLMSG_ERROR};
 use crate::sys::SysError;
@@ -146,6 +146,19 @@ impl NftInterface for Netlink {
         Netlink::read_table(self, family, table)
     }
 
+    fn read_contents(
+        &mut self,
+        family: Family,
+        table: &str,
+        declared: &dyn Fn(&str) -> Option<Set>,
+    ) -> Result<Option<TableContents>, NetlinkError> {
+        Netlink::read_contents(self, family, table, declared)
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, NetlinkError> {
+        Netlink::generation(self)
+    }
+
     fn chain_exists(
         &mut self,
         family: Family,
@@ -189,6 +202,19 @@ impl NftInterface for LazyNetlink {
         table: &str,
     ) -> Result<Option<Existing>, NetlinkError> {
         self.socket()?.read_table(family, table)
+    }
+
+    fn read_contents(
+        &mut self,
+        family: Family,
+        table: &str,
+        declared: &dyn Fn(&str) -> Option<Set>,
+    ) -> Result<Option<TableContents>, NetlinkError> {
+        self.socket()?.read_contents(family, table, declared)
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, NetlinkError> {
+        self.socket()?.generation()
     }
 
     fn chain_exists(
