@@ -2,10 +2,20 @@
 //! (a) over kproxy's netlink batches and (b) as `nft -f` of the dry-run text (upstream's
 //! way), each into a fresh network namespace; then one-endpoint changes at 10k Services
 //! over netlink, end to end (derive state + render + encode + kernel ack).
-//! Run: `cargo bench --bench nft_apply` (SIZES=2000,10000 to choose sizes).
+//! Run: `cargo bench --bench nft_apply`: both layouts and upstream's `nft -f` side by
+//! side ([`side_by_side`], its options there). `LEGACY=1` runs the upstream-layout-only
+//! bench below (SIZES=2000,10000 to choose sizes, SKIP_NFT, BATCH_OPS, CHANGES, PROBE,
+//! RESYNC).
 
+#[allow(dead_code)]
+#[path = "../tests/dataplane/echo.rs"]
+mod echo;
 #[path = "../tests/support/netns.rs"]
 mod netns;
+#[path = "support/report.rs"]
+mod report;
+#[path = "nft_apply/side_by_side.rs"]
+mod side_by_side;
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +33,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     if !netns::require_root("nft_apply bench") {
+        return;
+    }
+    if std::env::var_os("LEGACY").is_none() {
+        side_by_side::main();
         return;
     }
     let sizes: Vec<usize> = std::env::var("SIZES")
