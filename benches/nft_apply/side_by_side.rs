@@ -24,7 +24,8 @@
 //! Knobs: `SIZES` (default 1000,10000,30000), `VARIANTS` (default
 //! upstream-netlink,maps-netlink,upstream-nft), `NFT_MAX` (largest size for the `nft`
 //! variants, default 30000), `FIRST_PACKET=0`, `BENCH_OUT` (CSV and SVG plots; default
-//! `docs/bench-maps` of the source tree), `APPEND=1` (keep the rows of the CSV already
+//! `target/bench-maps`, so a plain run never overwrites the committed figures in
+//! `docs/bench-maps`), `APPEND=1` (keep the rows of the CSV already
 //! there that this run does not measure again, and plot them all; with `SIZES=` empty it
 //! only redraws the plots).
 //!

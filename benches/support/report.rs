@@ -39,7 +39,7 @@ pub(crate) fn load() -> String {
 pub(crate) fn out_dir() -> PathBuf {
     std::env::var_os("BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bench-maps"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-maps"))
 }
 
 /// Runs this executable again with `env` set (one case in a child process), with SIGINT
