@@ -2,49 +2,23 @@
 //! namespaces: what the netlink encoder builds lists like what `nft -f` builds from
 //! the same transaction's text, for every golden cluster.
 
+#[path = "support/golden_cases.rs"]
+mod golden_cases;
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use clap::Parser;
-use kproxy::cli::inputs::{InputArgs, Inputs};
+use golden_cases::cases;
+use kproxy::cli::inputs::Inputs;
 use kproxy::nftables::maps::{MapsRenderer, TABLE};
 use kproxy::nftables::netlink::Netlink;
 use kproxy::nftables::text::transaction_text;
 use kproxy::nftables::transaction::Transaction;
 use netns::{canonical_listing, require_root, Netns};
 
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    inputs: InputArgs,
-}
-
-fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .expect("testdata/golden exists")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("cluster.yaml").exists())
-        .collect();
-    dirs.sort();
-    dirs
-}
-
 fn inputs(dir: &Path) -> Inputs {
-    let args = fs::read_to_string(dir.join("args")).unwrap_or_default();
-    let mut argv = vec![
-        "x".to_string(),
-        "--snapshot".into(),
-        dir.join("cluster.yaml").display().to_string(),
-        "--mode".into(),
-        "nftables".into(),
-    ];
-    argv.extend(args.split_whitespace().map(str::to_string));
-    Inputs::load(&Wrapper::parse_from(argv).inputs).unwrap()
+    golden_cases::inputs(dir, "nftables")
 }
 
 /// `nft list table <family> kproxy` in `ns`.

@@ -2,36 +2,19 @@
 //! case's cluster (inside a throw-away network namespace), and its shape holds: only
 //! element operations depend on Services.
 
+#[path = "support/golden_cases.rs"]
+mod golden_cases;
 #[path = "support/netns.rs"]
 mod netns;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use clap::Parser;
-use kproxy::cli::inputs::{InputArgs, Inputs};
+use golden_cases::cases;
 use kproxy::model::ProxyState;
 use kproxy::nftables::maps::MapsRenderer;
 use kproxy::nftables::text::transaction_text;
 use kproxy::nftables::transaction::Op;
-
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    inputs: InputArgs,
-}
-
-fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .expect("testdata/golden exists")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("cluster.yaml").exists())
-        .collect();
-    dirs.sort();
-    dirs
-}
 
 /// Each family's maps-layout transaction text for one golden case.
 fn render(dir: &Path) -> Vec<String> {
@@ -45,17 +28,7 @@ fn render(dir: &Path) -> Vec<String> {
 /// rules never name a ClusterIP (only the session-affinity ports' own chains name
 /// endpoints).
 fn render_cluster(dir: &Path, cluster: &Path) -> Vec<(MapsRenderer, ProxyState)> {
-    let args = fs::read_to_string(dir.join("args")).unwrap_or_default();
-    let mut argv = vec![
-        "render".to_string(),
-        "--snapshot".to_string(),
-        cluster.display().to_string(),
-        "--mode".to_string(),
-        "nftables".to_string(),
-    ];
-    argv.extend(args.split_whitespace().map(str::to_string));
-    let w = Wrapper::try_parse_from(&argv).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let inputs = Inputs::load(&w.inputs).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let inputs = golden_cases::inputs_of(dir, cluster, "nftables");
     inputs
         .families
         .iter()

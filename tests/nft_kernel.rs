@@ -3,14 +3,15 @@
 //! builds from the dry-run text; incremental syncs must converge to a full sync of the
 //! final state; a refused batch must change nothing and name the failing operation.
 
+#[path = "support/golden_cases.rs"]
+mod golden_cases;
 #[path = "support/netns.rs"]
 mod netns;
 
 use std::fs;
 use std::path::Path;
 
-use clap::Parser;
-use kproxy::cli::inputs::{InputArgs, Inputs};
+use kproxy::cli::inputs::Inputs;
 use kproxy::config::FamilySettings;
 use kproxy::model::{ClusterState, NodeContext};
 use kproxy::nftables::netlink::{Netlink, NetlinkError};
@@ -20,26 +21,8 @@ use kproxy::nftables::transaction::{Family, Op, Transaction};
 use kproxy::snapshot;
 use netns::{canonical_listing, require_root, Netns};
 
-#[derive(Parser)]
-struct Wrapper {
-    #[command(flatten)]
-    inputs: InputArgs,
-}
-
 fn golden_inputs(case: &str) -> Inputs {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/golden")
-        .join(case);
-    let args = fs::read_to_string(dir.join("args")).unwrap();
-    let mut argv = vec![
-        "x".to_string(),
-        "--snapshot".into(),
-        dir.join("cluster.yaml").display().to_string(),
-        "--mode".into(),
-        "nftables".into(),
-    ];
-    argv.extend(args.split_whitespace().map(str::to_string));
-    Inputs::load(&Wrapper::parse_from(argv).inputs).unwrap()
+    golden_cases::inputs(&golden_cases::case(case), "nftables")
 }
 
 fn family_name(f: Family) -> &'static str {
