@@ -20,7 +20,7 @@ mod netns;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use kproxy::config::Config;
+use kproxy::config::{Config, FamilySettings};
 use kproxy::model::{synthetic, IpFamily, NodeContext};
 use kproxy::nftables::netlink::Netlink;
 use kproxy::nftables::render::{NftRenderer, RenderOptions};
@@ -38,16 +38,8 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
         .collect()
 }
 
-fn main() {
-    if !netns::require_root("partial_sync bench") {
-        return;
-    }
-    if std::env::var("LAYOUT").as_deref() == Ok("maps") {
-        maps();
-        return;
-    }
-    let n = env_list("N", "10000")[0];
-    let ks = env_list("K", "1,10,50,200,1000");
+/// The node both layouts' runs render for: IPv4, pod CIDR 10.128.0.0/10, one address.
+fn bench_node() -> (FamilySettings, NodeContext) {
     let cfg = Config {
         cluster_cidrs: vec!["10.128.0.0/10".parse().unwrap()],
         ..Config::default()
@@ -63,6 +55,20 @@ fn main() {
         zone: None,
         prefer_same_node: true,
     };
+    (settings, node)
+}
+
+fn main() {
+    if !netns::require_root("partial_sync bench") {
+        return;
+    }
+    if std::env::var("LAYOUT").as_deref() == Ok("maps") {
+        maps();
+        return;
+    }
+    let n = env_list("N", "10000")[0];
+    let ks = env_list("K", "1,10,50,200,1000");
+    let (settings, node) = bench_node();
     let ns = Netns::new("bpart");
     let rows = ns.run(move || {
         let mut state = synthetic::cluster(n, 10);
@@ -151,21 +157,7 @@ fn maps() {
     let n = env_list("N", "10000")[0];
     let ks = env_list("K", "1,10,50,200,1000");
     let changes = env_list("CHANGES", "100")[0];
-    let cfg = Config {
-        cluster_cidrs: vec!["10.128.0.0/10".parse().unwrap()],
-        ..Config::default()
-    };
-    let settings = cfg.family_settings(
-        IpFamily::V4,
-        "node-1",
-        None,
-        &["192.168.0.2/24".parse().unwrap()],
-    );
-    let node = NodeContext {
-        name: "node-1".into(),
-        zone: None,
-        prefer_same_node: true,
-    };
+    let (settings, node) = bench_node();
     let ns = Netns::new("bpmaps");
     ns.run(move || {
         let ms = |x: std::time::Duration| x.as_secs_f64() * 1e3;
