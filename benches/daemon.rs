@@ -203,10 +203,6 @@ struct Row {
     load: String,
 }
 
-fn o(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.3}")).unwrap_or_default()
-}
-
 impl Row {
     const HEADER: &'static str = "mode,backend,services,endpoints_per_service,first_sync_s,restart_sync_s,rss_after_first_sync_mib,peak_rss_mib,change_to_kernel_p50_ms,change_to_kernel_p99_ms,partial_sync_p50_ms,partial_sync_p99_ms,network_programming_p50_ms,network_programming_p99_ms,changes,load_1_5_15";
 
@@ -217,15 +213,15 @@ impl Row {
             self.backend,
             self.services,
             self.first_sync_s,
-            o(self.restart_sync_s),
+            report::opt(self.restart_sync_s, 3),
             self.rss_mib,
             self.peak_rss_mib,
-            o(self.kernel.0),
-            o(self.kernel.1),
-            o(self.partial.0),
-            o(self.partial.1),
-            o(self.programming.0),
-            o(self.programming.1),
+            report::opt(self.kernel.0, 3),
+            report::opt(self.kernel.1, 3),
+            report::opt(self.partial.0, 3),
+            report::opt(self.partial.1, 3),
+            report::opt(self.programming.0, 3),
+            report::opt(self.programming.1, 3),
             self.changes,
             self.load
         )

@@ -49,7 +49,7 @@ use kproxy::nftables::text::transaction_text;
 
 use super::echo;
 use super::netns::{self, Netns};
-use super::report::{child_init, env_or, load, out_dir, pct, plot, run_child, Series};
+use super::report::{child_init, env_or, load, opt, out_dir, pct, plot, run_child, Series};
 
 /// The variants run unless `VARIANTS` says otherwise.
 const DEFAULT_VARIANTS: [&str; 3] = ["upstream-netlink", "maps-netlink", "upstream-nft"];
@@ -107,10 +107,6 @@ pub(crate) struct Row {
     pub(crate) fp_last_p99_ms: Option<f64>,
     pub(crate) fp_failed: usize,
     pub(crate) load: String,
-}
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}")).unwrap_or_default()
 }
 
 impl Row {

@@ -207,3 +207,8 @@ fn value_label(y: f64) -> String {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
+
+/// A CSV cell: the value with `prec` decimals, empty when there is none.
+pub(crate) fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}")).unwrap_or_default()
+}
