@@ -508,6 +508,13 @@ impl Transaction {
         self.ops.push(op);
     }
 
+    /// Makes room for `ops` more operations and `cuts` more cut points (a cold sync
+    /// appends a quarter of a million of each).
+    pub(crate) fn reserve(&mut self, ops: usize, cuts: usize) {
+        self.ops.reserve(ops);
+        self.cuts.reserve(cuts);
+    }
+
     /// Marks the current end as a point where a batch may start: everything before it
     /// leaves the table consistent on its own.
     pub(crate) fn mark_cut(&mut self) {

@@ -23,7 +23,7 @@
 //! ports' chains); every other Service stays element-only.
 
 use super::layout::LbClass;
-use super::render::Desired;
+use super::render::Sink;
 use crate::model::PortPlan;
 use crate::nftables::names::{endpoint_base, service_base};
 use crate::nftables::transaction::{AddrMatch, Expr, Field, KeyValue, Verdict};
@@ -31,7 +31,7 @@ use crate::nftables::transaction::{AddrMatch, Expr, Field, KeyValue, Verdict};
 /// The policy chain for `list` (`local` picks upstream's `local-` prefix) with its
 /// endpoint chains and affinity sets, and `dest : goto chain` in `class`'s map.
 pub(crate) fn place(
-    d: &mut Desired,
+    d: &mut impl Sink,
     class: LbClass,
     dest: &[KeyValue],
     port: &PortPlan,
@@ -63,8 +63,9 @@ pub(crate) fn place(
             Expr::Verdict(Verdict::Goto(ep_chain.clone())),
         ]);
         targets.push(Verdict::Goto(ep_chain.clone()));
-        d.affinity_sets.entry(set.clone()).or_insert(timeout);
-        d.chains.entry(ep_chain).or_insert_with(|| {
+        d.affinity_set(set.clone(), timeout);
+        d.chain(
+            ep_chain,
             vec![
                 vec![Expr::UpdateSaddr { set }],
                 vec![
@@ -74,17 +75,15 @@ pub(crate) fn place(
                         port: ep.port,
                     },
                 ],
-            ]
-        });
+            ],
+        );
     }
     if targets.is_empty() {
         return;
     }
     rules.push(vec![Expr::NumgenVmap { targets }]);
-    d.chains.entry(chain.clone()).or_insert(rules);
-    d.verdicts
-        .entry((class.affinity_map(), dest.to_vec()))
-        .or_insert(Verdict::Goto(chain));
+    d.chain(chain.clone(), rules);
+    d.verdict(&class.affinity_map(), dest.to_vec(), Verdict::Goto(chain));
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use super::layout::{Counts, Layout, LbClass, CLUSTER_IPS, TABLE, TABLE_COMMENT};
 use super::probe;
 use super::record::{Changes, Map, Record};
-use super::render::{affinity_set, chain, ElementKey, MapsRenderer};
+use super::render::{affinity_set, chain, MapsRenderer};
 use crate::config::{FamilySettings, Mode};
 use crate::dataplane::{Dataplane, DataplaneError, SyncOutcome};
 use crate::model::{IpFamily, ProxyState};
@@ -193,20 +193,20 @@ fn gate_of(name: &str) -> Option<(LbClass, u32)> {
 }
 
 /// An element's value: a data map's data or a verdict map's verdict.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Value<'a> {
     Data(&'a [KeyValue]),
     Verdict(&'a Verdict),
 }
 
-fn element(k: &ElementKey, v: &Value<'_>) -> Element {
+fn element(set: &str, key: &[KeyValue], v: Value<'_>) -> Element {
     let (value, data) = match v {
         Value::Data(d) => (None, d.to_vec()),
-        Value::Verdict(v) => (Some((*v).clone()), Vec::new()),
+        Value::Verdict(v) => (Some(v.clone()), Vec::new()),
     };
     Element {
-        set: k.0.clone(),
-        key: k.1.clone(),
+        set: set.to_string(),
+        key: key.to_vec(),
         comment: None,
         value,
         data,
@@ -220,70 +220,71 @@ fn value_of(e: &Element) -> Value<'_> {
     }
 }
 
+/// One element addition: (key, the value to delete first when it changes, value).
+type Add<'a> = (&'a [KeyValue], Option<Value<'a>>, Value<'a>);
+
 /// Element operations grouped by container, each a unit a batch never splits (an
 /// addition, a deletion, or a changed value's deletion and re-addition); emitted by
-/// rank and container so that consecutive operations share netlink messages.
+/// rank and container so that consecutive operations share netlink messages. The
+/// units borrow the keys and values (of the record, the changes or the read-back):
+/// each element is copied once, into its operation, in the transaction's final order
+/// (a cold sync's quarter-million units as operations first were ~70 MB to fill
+/// and copy again).
 #[derive(Default)]
-struct Units {
-    adds: Map<String, Vec<(Op, Option<Op>)>>,
-    dels: Map<String, Vec<Op>>,
+struct Units<'a> {
+    adds: Map<&'a str, Vec<Add<'a>>>,
+    dels: Map<&'a str, Vec<(&'a [KeyValue], Value<'a>)>>,
 }
 
-impl Units {
-    fn change(&mut self, k: &ElementKey, before: Option<Value<'_>>, after: Option<Value<'_>>) {
+impl<'a> Units<'a> {
+    fn change(
+        &mut self,
+        set: &'a str,
+        key: &'a [KeyValue],
+        before: Option<Value<'a>>,
+        after: Option<Value<'a>>,
+    ) {
         match (before, after) {
             (Some(b), Some(a)) if b == a => {}
-            (Some(b), Some(a)) => self.adds_of(&k.0).push((
-                Op::DeleteElement(element(k, &b)),
-                Some(Op::AddElement(element(k, &a))),
-            )),
-            (None, Some(a)) => self
-                .adds_of(&k.0)
-                .push((Op::AddElement(element(k, &a)), None)),
-            (Some(b), None) => {
-                if !self.dels.contains_key(k.0.as_str()) {
-                    self.dels.insert(k.0.clone(), Vec::new());
-                }
-                if let Some(v) = self.dels.get_mut(k.0.as_str()) {
-                    v.push(Op::DeleteElement(element(k, &b)));
-                }
-            }
+            (before, Some(a)) => self.adds.entry(set).or_default().push((key, before, a)),
+            (Some(b), None) => self.dels.entry(set).or_default().push((key, b)),
             (None, None) => {}
         }
-    }
-
-    fn adds_of(&mut self, set: &str) -> &mut Vec<(Op, Option<Op>)> {
-        // Looked up by `&str`: a String is made once per container, not per element.
-        if !self.adds.contains_key(set) {
-            self.adds.insert(set.to_string(), Vec::new());
-        }
-        self.adds.get_mut(set).expect("inserted above")
     }
 
     /// Appends the units to `tx`, a cut after each; elements of `dropped` containers
     /// (deleted whole later) are not deleted one by one.
     fn emit(mut self, tx: &mut Transaction, dropped: &BTreeSet<String>) {
-        let mut add_sets: Vec<String> = self.adds.keys().cloned().collect();
+        let mut add_sets: Vec<&str> = self.adds.keys().copied().collect();
         add_sets.sort_by(|a, b| (rank(a), a).cmp(&(rank(b), b)));
+        let mut del_sets: Vec<&str> = self
+            .dels
+            .keys()
+            .copied()
+            .filter(|s| !dropped.contains(*s))
+            .collect();
+        del_sets.sort_by(|a, b| (3 - rank(a), a).cmp(&(3 - rank(b), b)));
+        let units = self.adds.values().map(Vec::len).sum::<usize>()
+            + del_sets.iter().map(|s| self.dels[s].len()).sum::<usize>();
+        let replaced: usize = self
+            .adds
+            .values()
+            .flatten()
+            .filter(|(_, b, _)| b.is_some())
+            .count();
+        tx.reserve(units + replaced, units);
         for set in add_sets {
-            for (first, second) in self.adds.remove(&set).unwrap_or_default() {
-                tx.push(first);
-                if let Some(s) = second {
-                    tx.push(s);
+            for (key, before, after) in self.adds.remove(set).unwrap_or_default() {
+                if let Some(b) = before {
+                    tx.push(Op::DeleteElement(element(set, key, b)));
                 }
+                tx.push(Op::AddElement(element(set, key, after)));
                 tx.mark_cut();
             }
         }
-        let mut del_sets: Vec<String> = self
-            .dels
-            .keys()
-            .filter(|s| !dropped.contains(*s))
-            .cloned()
-            .collect();
-        del_sets.sort_by(|a, b| (3 - rank(a), a).cmp(&(3 - rank(b), b)));
         for set in del_sets {
-            for op in self.dels.remove(&set).unwrap_or_default() {
-                tx.push(op);
+            for (key, v) in self.dels.remove(set).unwrap_or_default() {
+                tx.push(Op::DeleteElement(element(set, key, v)));
                 tx.mark_cut();
             }
         }
@@ -478,10 +479,11 @@ impl<I: NftInterface> MapsDataplane<I> {
 
         // Elements: the kernel's (of the declared containers) against the record's.
         let declared = self.declared(&counts);
-        let mut have: Map<ElementKey, &Element> = Map::default();
+        // Keyed by borrowed parts, which hash as the record's keys do.
+        let mut have: Map<(&str, &[KeyValue]), &Element> = Map::default();
         for e in &k.elements {
             if declared.contains_key(&e.set) {
-                have.insert((e.set.clone(), e.key.clone()), e);
+                have.insert((e.set.as_str(), e.key.as_slice()), e);
             }
         }
         let mut units = Units::default();
@@ -497,17 +499,17 @@ impl<I: NftInterface> MapsDataplane<I> {
             .verdicts
             .iter()
             .map(|(k, v)| (k, Value::Verdict(v)));
-        for (key, v) in fixed.chain(elements).chain(verdicts) {
+        for ((set, key), v) in fixed.chain(elements).chain(verdicts) {
             // (A cold start has nothing to look up.)
             let before = if have.is_empty() {
                 None
             } else {
-                have.remove(key).map(value_of)
+                have.remove(&(set.as_str(), key.as_slice())).map(value_of)
             };
-            units.change(key, before, Some(v));
+            units.change(set, key, before, Some(v));
         }
-        for (key, e) in have {
-            units.change(&key, Some(value_of(e)), None);
+        for ((set, key), e) in have {
+            units.change(set, key, Some(value_of(e)), None);
         }
         let stale_sets: BTreeSet<String> = k
             .sets
@@ -650,16 +652,18 @@ impl<I: NftInterface> MapsDataplane<I> {
         tx.mark_cut();
 
         let mut units = Units::default();
-        for (k, b, a) in &ch.elements {
+        for ((set, key), b, a) in &ch.elements {
             units.change(
-                k,
+                set,
+                key,
                 b.as_deref().map(Value::Data),
                 a.as_deref().map(Value::Data),
             );
         }
-        for (k, b, a) in &ch.verdicts {
+        for ((set, key), b, a) in &ch.verdicts {
             units.change(
-                k,
+                set,
+                key,
                 b.as_ref().map(Value::Verdict),
                 a.as_ref().map(Value::Verdict),
             );

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use super::layout::{Counts, LbClass};
 #[cfg(test)]
 use super::render::Desired;
-use super::render::{ElementKey, MapsRenderer};
+use super::render::{ElementKey, MapsRenderer, Sink};
 use crate::model::{PortPlan, ProxyState};
 use crate::nftables::transaction::{Expr, KeyValue, Verdict};
 
@@ -100,8 +100,12 @@ impl<V> Slot<V> {
         }
     }
 
+    /// Adds `p`'s claim, unless `p` claims the key already: within one port the
+    /// first writer wins (the port is the same allocation throughout its claim).
     fn add(&mut self, p: &Arc<PortPlan>, v: V) {
         match self {
+            Slot::One(q, _) if Arc::ptr_eq(q, p) => {}
+            Slot::Many(all) if all.iter().any(|(q, _)| Arc::ptr_eq(q, p)) => {}
             Slot::One(..) => {
                 let Slot::One(q, w) = std::mem::replace(self, Slot::Many(Vec::new())) else {
                     unreachable!()
@@ -250,6 +254,72 @@ pub(crate) struct Record {
     fixed: Option<Vec<(ElementKey, Vec<KeyValue>)>>,
 }
 
+/// One port's claims (or, with `claim` false, their release), made as the renderer
+/// places each piece: a cold sync claims every element of the cluster, and collecting
+/// each port into a sorted [`super::render::Desired`] first cost more than the claims.
+struct PortClaim<'a> {
+    rec: &'a mut Record,
+    port: &'a Arc<PortPlan>,
+    /// The endpoint counts the port uses, with repeats (a port counts each once).
+    counts: Vec<(LbClass, u32)>,
+    claim: bool,
+}
+
+impl PortClaim<'_> {
+    fn distinct_counts(&mut self) -> Vec<(LbClass, u32)> {
+        let mut c = std::mem::take(&mut self.counts);
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+
+    fn put<K: Hash + Eq + Clone, V: Clone + PartialEq>(
+        claims: &mut Claims<K, V>,
+        claim: bool,
+        port: &Arc<PortPlan>,
+        k: K,
+        v: V,
+    ) {
+        if claim {
+            claims.claim(k, port, v);
+        } else {
+            // A key the port placed twice is released once: the second finds no
+            // claim of the port's name left.
+            claims.release(&k, port);
+        }
+    }
+}
+
+impl Sink for PortClaim<'_> {
+    fn element(&mut self, set: &str, key: Vec<KeyValue>, data: Vec<KeyValue>) {
+        let k = (set.to_string(), key);
+        Self::put(&mut self.rec.elements, self.claim, self.port, k, data);
+    }
+
+    fn verdict(&mut self, map: &str, key: Vec<KeyValue>, verdict: Verdict) {
+        let k = (map.to_string(), key);
+        Self::put(&mut self.rec.verdicts, self.claim, self.port, k, verdict);
+    }
+
+    fn chain(&mut self, name: String, rules: Vec<Vec<Expr>>) {
+        Self::put(&mut self.rec.chains, self.claim, self.port, name, rules);
+    }
+
+    fn affinity_set(&mut self, name: String, timeout: u32) {
+        Self::put(
+            &mut self.rec.affinity_sets,
+            self.claim,
+            self.port,
+            name,
+            timeout,
+        );
+    }
+
+    fn count(&mut self, class: LbClass, n: u32) {
+        self.counts.push((class, n));
+    }
+}
+
 /// What happened to one port between two states.
 enum PortStep<'a> {
     Same,
@@ -312,20 +382,14 @@ impl Record {
     }
 
     fn release_port(&mut self, r: &MapsRenderer, p: &Arc<PortPlan>) {
-        let d = r.port_desired(p);
-        for k in d.elements.keys() {
-            self.elements.release(k, p);
-        }
-        for k in d.verdicts.keys() {
-            self.verdicts.release(k, p);
-        }
-        for k in d.chains.keys() {
-            self.chains.release(k, p);
-        }
-        for k in d.affinity_sets.keys() {
-            self.affinity_sets.release(k, p);
-        }
-        for c in d.counts {
+        let mut release = PortClaim {
+            rec: self,
+            port: p,
+            counts: Vec::new(),
+            claim: false,
+        };
+        r.port_into(p, &mut release);
+        for c in release.distinct_counts() {
             if let Some(n) = self.counts.get_mut(&c) {
                 *n -= 1;
                 if *n == 0 {
@@ -336,20 +400,14 @@ impl Record {
     }
 
     fn claim_port(&mut self, r: &MapsRenderer, p: &Arc<PortPlan>) {
-        let d = r.port_desired(p);
-        for (k, v) in d.elements {
-            self.elements.claim(k, p, v);
-        }
-        for (k, v) in d.verdicts {
-            self.verdicts.claim(k, p, v);
-        }
-        for (k, v) in d.chains {
-            self.chains.claim(k, p, v);
-        }
-        for (k, v) in d.affinity_sets {
-            self.affinity_sets.claim(k, p, v);
-        }
-        for c in d.counts {
+        let mut claim = PortClaim {
+            rec: self,
+            port: p,
+            counts: Vec::new(),
+            claim: true,
+        };
+        r.port_into(p, &mut claim);
+        for c in claim.distinct_counts() {
             *self.counts.entry(c).or_insert(0) += 1;
         }
     }

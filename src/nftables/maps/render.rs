@@ -51,6 +51,48 @@ impl Desired {
     }
 }
 
+/// Where [`MapsRenderer`] places one port's share of the table, piece by piece: a
+/// [`Desired`] (the whole-table derivation), or the dataplane's record, which claims
+/// each piece as it comes instead of collecting the port into a sorted [`Desired`]
+/// first (those per-port maps were most of a cold sync's record time). Within one
+/// port the first writer of a key wins; a sink must ignore the later ones.
+pub(crate) trait Sink {
+    /// A set element (`data` empty) or data-map element.
+    fn element(&mut self, set: &str, key: Vec<KeyValue>, data: Vec<KeyValue>);
+    /// A verdict-map element.
+    fn verdict(&mut self, map: &str, key: Vec<KeyValue>, verdict: Verdict);
+    /// A session-affinity chain and its rules' expressions.
+    fn chain(&mut self, name: String, rules: Vec<Vec<Expr>>);
+    /// A dynamic affinity set and its timeout.
+    fn affinity_set(&mut self, name: String, timeout: u32);
+    /// An endpoint count in use.
+    fn count(&mut self, class: LbClass, n: u32);
+}
+
+impl Sink for Desired {
+    fn element(&mut self, set: &str, key: Vec<KeyValue>, data: Vec<KeyValue>) {
+        self.add(set, key, data);
+    }
+
+    fn verdict(&mut self, map: &str, key: Vec<KeyValue>, verdict: Verdict) {
+        self.verdicts
+            .entry((map.to_string(), key))
+            .or_insert(verdict);
+    }
+
+    fn chain(&mut self, name: String, rules: Vec<Vec<Expr>>) {
+        self.chains.entry(name).or_insert(rules);
+    }
+
+    fn affinity_set(&mut self, name: String, timeout: u32) {
+        self.affinity_sets.entry(name).or_insert(timeout);
+    }
+
+    fn count(&mut self, class: LbClass, n: u32) {
+        self.counts.insert((class, n));
+    }
+}
+
 fn element(set: &str, key: &[KeyValue], data: &[KeyValue]) -> Element {
     Element {
         set: set.to_string(),
@@ -136,12 +178,11 @@ impl MapsRenderer {
         d
     }
 
-    /// One service port's share of [`MapsRenderer::desired`] (without the NodePort
-    /// addresses every table has): the dataplane keeps the table port by port.
-    pub(crate) fn port_desired(&self, port: &PortPlan) -> Desired {
-        let mut d = Desired::default();
-        self.port_elements(port, &mut d);
-        d
+    /// Places one service port's share of [`MapsRenderer::desired`] (without the
+    /// NodePort addresses every table has) in `sink`: the dataplane keeps the table
+    /// port by port.
+    pub(crate) fn port_into(&self, port: &PortPlan, sink: &mut impl Sink) {
+        self.port_elements(port, sink);
     }
 
     /// A full sync: the fixed part rewritten, every set flushed and refilled.
@@ -331,7 +372,7 @@ impl MapsRenderer {
     /// load-balancing maps, or for a session-affinity port in its own chains (`local`:
     /// the list is the local-policy one).
     fn balance(
-        d: &mut Desired,
+        d: &mut impl Sink,
         class: LbClass,
         dest: &[KeyValue],
         port: &PortPlan,
@@ -348,8 +389,10 @@ impl MapsRenderer {
         if n == 0 {
             return;
         }
-        d.counts.insert((class, n));
-        d.add(&class.gate(n), dest.to_vec(), vec![]);
+        d.count(class, n);
+        d.element(&class.gate(n), dest.to_vec(), vec![]);
+        // Named once per destination, not per endpoint.
+        let backends = class.backends(n);
         for (i, &e) in list.iter().enumerate() {
             let Some(ep) = port.endpoints.get(e) else {
                 continue;
@@ -359,8 +402,8 @@ impl MapsRenderer {
             };
             let mut key = dest.to_vec();
             key.push(KeyValue::Index(idx));
-            d.add(
-                &class.backends(n),
+            d.element(
+                &backends,
                 key,
                 vec![KeyValue::Ip(ep.ip), KeyValue::Port(ep.port)],
             );
@@ -368,7 +411,7 @@ impl MapsRenderer {
     }
 
     /// One service port's elements (upstream §4.3's chains, as data).
-    fn port_elements(&self, port: &PortPlan, d: &mut Desired) {
+    fn port_elements(&self, port: &PortPlan, d: &mut impl Sink) {
         let flags = PortFlags::of(port);
         let svc = &port.svc;
         let sel = &port.selection;
@@ -386,7 +429,7 @@ impl MapsRenderer {
             (true, true) => NO_EP_NP_DROP,
             (true, false) => NO_EP_NP_REJECT,
         };
-        d.add(CLUSTER_IPS, vec![KeyValue::Ip(svc.cluster_ip)], vec![]);
+        d.element(CLUSTER_IPS, vec![KeyValue::Ip(svc.cluster_ip)], vec![]);
 
         // ClusterIP: the internal policy's list.
         let cip = ipp(svc.cluster_ip);
@@ -398,12 +441,12 @@ impl MapsRenderer {
             };
             Self::balance(d, LbClass::Ips, &cip, port, list, svc.internal_policy_local);
             if self.settings.masquerade_all {
-                d.add(MASQ_IPS, cip.clone(), vec![]);
+                d.element(MASQ_IPS, cip.clone(), vec![]);
             } else if self.has_detector() {
-                d.add(MASQ_NONLOCAL_IPS, cip.clone(), vec![]);
+                d.element(MASQ_NONLOCAL_IPS, cip.clone(), vec![]);
             }
         } else {
-            d.add(no_ep(false), cip, vec![]);
+            d.element(no_ep(false), cip, vec![]);
         }
 
         // External destinations: external IPs, LB IPs, the NodePort.
@@ -434,7 +477,7 @@ impl MapsRenderer {
                     } else {
                         ETP_LOCAL_IPS
                     };
-                    d.add(etp, dest.clone(), vec![]);
+                    d.element(etp, dest.clone(), vec![]);
                     if flags.has_external {
                         Self::balance(d, local_class, &dest, port, &sel.local, true);
                     } else {
@@ -443,15 +486,15 @@ impl MapsRenderer {
                         } else {
                             EXT_LOCAL_NONE_IPS
                         };
-                        d.add(none, dest.clone(), vec![]);
+                        d.element(none, dest.clone(), vec![]);
                     }
                 } else {
                     let masq = if nodeport { MASQ_NODEPORTS } else { MASQ_IPS };
-                    d.add(masq, dest.clone(), vec![]);
+                    d.element(masq, dest.clone(), vec![]);
                 }
             }
             if !flags.has_external {
-                d.add(no_ep(nodeport), dest, vec![]);
+                d.element(no_ep(nodeport), dest, vec![]);
             }
         }
 
@@ -468,18 +511,18 @@ impl MapsRenderer {
             }
             for ip in &svc.lb_ips {
                 let dest = ipp(*ip);
-                d.add(FIREWALL_IPS, dest.clone(), vec![]);
+                d.element(FIREWALL_IPS, dest.clone(), vec![]);
                 for net in &allowed {
                     let mut key = dest.clone();
                     key.push(KeyValue::Net(net.trunc()));
-                    d.add(FIREWALL_ALLOW, key, vec![]);
+                    d.element(FIREWALL_ALLOW, key, vec![]);
                 }
             }
         }
 
         // Hairpin: an endpoint reaching itself through the Service is masqueraded.
         for ep in port.reachable_endpoints() {
-            d.add(
+            d.element(
                 HAIRPIN,
                 vec![KeyValue::Ip(ep.ip), KeyValue::Ip(ep.ip)],
                 vec![],

@@ -14,7 +14,7 @@ pub(crate) mod encode;
 mod read;
 
 use abi::{NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFT_MSG_NEWGEN, NLM_F_ACK};
-use encode::{encode, AnonNames};
+use encode::{encode_into, AnonNames};
 
 use super::existing::{Existing, TableContents};
 use super::interface::NftInterface;
@@ -66,6 +66,10 @@ const RECV_BUFFER: usize = 1 << 20;
 pub struct Netlink {
     sock: NetlinkSocket,
     names: AnonNames,
+    /// The last batch's buffer, encoded into again: a cold sync sends ~50 batches of
+    /// a few hundred KiB, and a fresh buffer each time was fresh pages to fault in
+    /// and zero.
+    buffer: Vec<u8>,
 }
 
 impl Netlink {
@@ -80,7 +84,11 @@ impl Netlink {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
         let names = AnonNames::new(nanos ^ (u64::from(sock.port_id()) << 32));
-        Ok(Netlink { sock, names })
+        Ok(Netlink {
+            sock,
+            names,
+            buffer: Vec::new(),
+        })
     }
 
     /// Applies a transaction as one atomic batch.
@@ -90,10 +98,12 @@ impl Netlink {
         }
         // Sequence numbers are taken after encoding, once the count is known.
         let first = self.sock.take_seqs(0);
-        let batch = encode(tx, first, &mut self.names)?;
+        let buffer = std::mem::take(&mut self.buffer);
+        let mut batch = encode_into(tx, first, &mut self.names, buffer)?;
         self.sock.take_seqs(batch.next_seq.wrapping_sub(first));
         let io = |what| move |source| NetlinkError::Io { what, source };
         self.sock.send(&batch.bytes).map_err(io("send batch"))?;
+        self.buffer = std::mem::take(&mut batch.bytes);
         // The batch ran inside sendmsg; its errors are queued before this reply.
         let gen_seq = self.sock.take_seqs(1);
         let getgen = NlMsg::new(NFT_MSG_GETGEN, 0, NLM_F_ACK, gen_seq).finish()?;

@@ -1,7 +1,9 @@
 //! Elements: keys (concatenations of 32-bit-aligned fields), the inclusive end of an
 //! interval key in a concatenated (pipapo) set, data values and verdicts.
 
-use super::{ip_bytes, udata, verdict_code, Batch, ELEMENTS_PER_MESSAGE};
+use std::net::IpAddr;
+
+use super::{udata, verdict_code, Batch, ELEMENTS_PER_MESSAGE};
 use crate::nftables::netlink::abi::*;
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::transaction::{Element, KeyValue, Verdict};
@@ -62,23 +64,33 @@ impl ElemSpec {
 /// registers it is loaded into); a prefix is its first address, or with `end` its last.
 pub(in crate::nftables::netlink) fn key_bytes(key: &[KeyValue], end: bool) -> Vec<u8> {
     let concat = key.len() > 1;
-    let mut out = Vec::new();
+    // Written in place (no buffer per component): a cold sync encodes a quarter of a
+    // million keys.
+    let mut out = Vec::with_capacity(key.len() * 16);
     for k in key {
-        let mut b = match k {
-            KeyValue::Ip(ip) => ip_bytes(ip),
-            KeyValue::Proto(p) => vec![p.number()],
-            KeyValue::Port(p) => p.to_be_bytes().to_vec(),
+        let start = out.len();
+        match k {
+            KeyValue::Ip(ip) => push_ip(&mut out, ip),
+            KeyValue::Proto(p) => out.push(p.number()),
+            KeyValue::Port(p) => out.extend_from_slice(&p.to_be_bytes()),
             // numgen writes a host-endian integer.
-            KeyValue::Index(i) => i.to_ne_bytes().to_vec(),
-            KeyValue::Net(n) if end => ip_bytes(&n.broadcast()),
-            KeyValue::Net(n) => ip_bytes(&n.network()),
-        };
-        if concat {
-            b.resize(b.len().div_ceil(4) * 4, 0);
+            KeyValue::Index(i) => out.extend_from_slice(&i.to_ne_bytes()),
+            KeyValue::Net(n) if end => push_ip(&mut out, &n.broadcast()),
+            KeyValue::Net(n) => push_ip(&mut out, &n.network()),
         }
-        out.extend_from_slice(&b);
+        if concat {
+            let len = out.len() - start;
+            out.resize(start + len.div_ceil(4) * 4, 0);
+        }
     }
     out
+}
+
+fn push_ip(out: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+    }
 }
 
 impl Batch<'_> {

@@ -145,11 +145,18 @@ pub(super) struct Batch<'n> {
 }
 
 impl<'n> Batch<'n> {
-    fn new(tx: &Transaction, first_seq: u32, names: &'n mut AnonNames) -> Batch<'n> {
+    fn new(
+        tx: &Transaction,
+        first_seq: u32,
+        names: &'n mut AnonNames,
+        mut bytes: Vec<u8>,
+    ) -> Batch<'n> {
+        bytes.clear();
+        // Sized up front (a rule is ~200-400 bytes): growing a multi-megabyte buffer
+        // by doubling costs copies and fresh zeroed pages on a cold sync.
+        bytes.reserve(4096 + tx.ops.len() * 320);
         let mut b = Batch {
-            // Sized up front (a rule is ~200-400 bytes): growing a multi-megabyte
-            // buffer by doubling costs copies and fresh zeroed pages on a cold sync.
-            bytes: Vec::with_capacity(4096 + tx.ops.len() * 320),
+            bytes,
             seq_to_op: Vec::new(),
             next_seq: first_seq,
             next_set_id: 1,
@@ -317,12 +324,24 @@ impl<'n> Batch<'n> {
 
 /// Encodes a transaction into one batch whose sequence numbers start at `first_seq`,
 /// naming anonymous sets from `names`.
+#[cfg(test)]
 pub(crate) fn encode(
     tx: &Transaction,
     first_seq: u32,
     names: &mut AnonNames,
 ) -> Result<Encoded, NetlinkError> {
-    let mut b = Batch::new(tx, first_seq, names);
+    encode_into(tx, first_seq, names, Vec::new())
+}
+
+/// [`encode`] into `buffer` (its contents replaced; its allocation kept), so that a
+/// sender can reuse one buffer for every batch.
+pub(crate) fn encode_into(
+    tx: &Transaction,
+    first_seq: u32,
+    names: &mut AnonNames,
+    buffer: Vec<u8>,
+) -> Result<Encoded, NetlinkError> {
+    let mut b = Batch::new(tx, first_seq, names, buffer);
     let mut i = 0;
     while i < tx.ops.len() {
         let op = &tx.ops[i];
