@@ -589,7 +589,15 @@ impl Iterator for Batches {
         tx.ops.extend(self.ops.by_ref().take(size));
         Some(tx)
     }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.sizes.size_hint()
+    }
 }
+
+/// The number of batches is known before any is taken (an error names "batch i of
+/// n" without collecting them all first).
+impl ExactSizeIterator for Batches {}
 
 #[cfg(test)]
 mod split_tests {

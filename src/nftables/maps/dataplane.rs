@@ -728,7 +728,9 @@ impl<I: NftInterface> MapsDataplane<I> {
         // A batch of `add table` alone (a take-over that found nothing to change)
         // commits nothing, so the kernel does not count it.
         let counted = !matches!(tx.ops[..], [Op::AddTable { .. }]);
-        let batches: Vec<Transaction> = tx.into_batches(self.batch_ops).collect();
+        // Taken one at a time: collecting them all first was a second copy of every
+        // operation of a cold sync, in fresh memory.
+        let batches = tx.into_batches(self.batch_ops);
         let of = batches.len();
         let before = self.nft.generation().ok().flatten();
         self.generation = None;

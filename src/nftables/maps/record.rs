@@ -174,6 +174,10 @@ impl<K: Hash + Eq + Clone, V: Clone + PartialEq> Claims<K, V> {
         self.slots.len()
     }
 
+    fn reserve(&mut self, more: usize) {
+        self.slots.reserve(more);
+    }
+
     fn note(&mut self, k: &K) {
         if let Some(t) = &mut self.touched {
             if !t.contains_key(k) {
@@ -433,6 +437,13 @@ impl Record {
         self.verdicts.track(track);
         self.chains.track(track);
         self.affinity_sets.track(track);
+        if self.elements.len() == 0 {
+            // A cold start: room for about what the ports will claim (each port's
+            // destinations and per-endpoint elements), instead of growing a map of a
+            // quarter of a million entries by doubling, re-hashing each time.
+            let estimate: usize = state.ports.iter().map(|p| 3 + 2 * p.endpoints.len()).sum();
+            self.elements.reserve(estimate);
+        }
         // Both lists are sorted by name: a merge walk, comparing names only where the
         // pointers differ (an unchanged port is the same allocation).
         let old = std::mem::take(&mut self.ports);

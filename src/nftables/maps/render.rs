@@ -400,7 +400,8 @@ impl MapsRenderer {
             let Ok(idx) = u32::try_from(i) else {
                 continue;
             };
-            let mut key = dest.to_vec();
+            let mut key = Vec::with_capacity(dest.len() + 1);
+            key.extend_from_slice(dest);
             key.push(KeyValue::Index(idx));
             d.element(
                 &backends,

@@ -17,12 +17,15 @@ mod set;
 mod tests;
 #[cfg(test)]
 mod tests_maps;
+mod wire;
 
 use std::net::IpAddr;
 
 use super::abi::*;
 use super::NetlinkError;
-use crate::nftables::transaction::{Chain, ChainType, Family, Op, Rule, Transaction, Verdict};
+use crate::nftables::transaction::{
+    Chain, ChainType, Element, Family, Op, Rule, Transaction, Verdict,
+};
 use crate::sys::nftnl::{
     Chain as NlChain, Expr as NlExpr, NlMsg, Rule as NlRule, Set as NlSet, Table,
 };
@@ -366,16 +369,19 @@ pub(crate) fn encode_into(
                 } else {
                     NFT_MSG_DELSETELEM
                 };
-                let mut group = Vec::new();
+                let mut group: Vec<&Element> = Vec::new();
                 let mut j = i;
                 while let Some(Op::AddElement(x) | Op::DeleteElement(x)) = tx.ops.get(j) {
                     if x.set != e.set || matches!(tx.ops[j], Op::AddElement(_)) != adding {
                         break;
                     }
-                    group.push(ElemSpec::of(x).ok_or(NetlinkError::Unsupported {
-                        index: j,
-                        what: "an interval element of a one-field set",
-                    })?);
+                    if !ElemSpec::supported(x) {
+                        return Err(NetlinkError::Unsupported {
+                            index: j,
+                            what: "an interval element of a one-field set",
+                        });
+                    }
+                    group.push(x);
                     j += 1;
                 }
                 b.elems_msg(i, ty, &e.set, None, &group)?;
