@@ -7,7 +7,6 @@ use super::{udata, verdict_code, Batch, ELEMENTS_PER_MESSAGE};
 use crate::nftables::netlink::abi::*;
 use crate::nftables::netlink::NetlinkError;
 use crate::nftables::transaction::{Element, KeyValue, Verdict};
-#[cfg(test)]
 use crate::sys::nftnl::SetElem;
 use crate::sys::SysError;
 
@@ -117,6 +116,7 @@ const LIST_ELEMENTS: u16 = 3;
 const LIST_SET_ID: u16 = 4;
 const ELEM_KEY: u16 = 1;
 const ELEM_DATA: u16 = 2;
+#[cfg(test)]
 const ELEM_FLAGS: u16 = 3;
 const ELEM_USERDATA: u16 = 6;
 const ELEM_KEY_END: u16 = 10;
@@ -126,7 +126,7 @@ const VERDICT_CODE: u16 = 1;
 const VERDICT_CHAIN: u16 = 2;
 
 /// What an element message is written from: a transaction's element as it is (no
-/// intermediate copy of its bytes), or an [`ElemSpec`] (anonymous sets).
+/// intermediate copy of its bytes; in tests also an [`ElemSpec`]).
 pub(super) trait ElemSource {
     /// Writes the element's attributes (inside its list nest), in libnftnl's order:
     /// flags, key, key end, then for an addition verdict, data and comment.
@@ -152,6 +152,7 @@ fn put_verdict(out: &mut Vec<u8>, v: &Verdict) -> Result<(), SysError> {
     wire::end(out, data)
 }
 
+#[cfg(test)]
 impl ElemSource for ElemSpec {
     fn write(&self, out: &mut Vec<u8>, adding: bool) -> Result<(), SysError> {
         if self.flags != 0 {
@@ -240,10 +241,10 @@ impl Batch<'_> {
     }
 }
 
-#[cfg(test)]
 impl Batch<'_> {
-    /// [`Batch::elems_msg`] through libnftnl: the reference its bytes are checked
-    /// against.
+    /// Element messages through libnftnl: the anonymous sets' (a rule's few
+    /// elements, found by set id), and the reference [`Batch::elems_msg`]'s bytes
+    /// are checked against.
     pub(super) fn elems_msg_nftnl(
         &mut self,
         op: usize,

@@ -260,7 +260,7 @@ impl Batch<'_> {
             .enumerate()
             .map(|(i, v)| ElemSpec::key((i as u32).to_ne_bytes().to_vec(), 0, Some(v.clone())))
             .collect();
-        self.elems_msg(op, NFT_MSG_NEWSETELEM, &name, Some(id), &elems)?;
+        self.elems_msg_nftnl(op, NFT_MSG_NEWSETELEM, &name, Some(id), &elems)?;
         Ok((name, id))
     }
 
@@ -288,7 +288,7 @@ impl Batch<'_> {
             .into_iter()
             .map(|(k, f)| ElemSpec::key(k, f, None))
             .collect();
-        self.elems_msg(op, NFT_MSG_NEWSETELEM, &name, Some(id), &elems)?;
+        self.elems_msg_nftnl(op, NFT_MSG_NEWSETELEM, &name, Some(id), &elems)?;
         Ok((name, id))
     }
 }
