@@ -182,7 +182,7 @@ fn the_dataplane_takes_over_its_table_after_a_restart_writing_only_the_differenc
         let mut moved = st.clone();
         let mut p = (*moved.ports[0]).clone();
         p.endpoints[0].ip = "10.255.0.9".parse().unwrap();
-        moved.ports[0] = Arc::new(p);
+        moved.ports = moved.ports.replaced(0, Arc::new(p));
         let change = dp.sync(&moved, false).unwrap();
         assert!(!change.full);
         let mut again = MapsDataplane::new(settings.clone());

@@ -25,7 +25,7 @@ fn moved_endpoint(st: &ProxyState) -> ProxyState {
     let mut st = st.clone();
     let mut port = (*st.ports[0]).clone();
     port.endpoints[0].ip = "10.255.0.9".parse().unwrap();
-    st.ports[0] = Arc::new(port);
+    st.ports = st.ports.replaced(0, Arc::new(port));
     st
 }
 
