@@ -182,7 +182,7 @@ fn the_dataplane_takes_over_its_table_after_a_restart_writing_only_the_differenc
         let mut moved = st.clone();
         let mut p = (*moved.ports[0]).clone();
         p.endpoints[0].ip = "10.255.0.9".parse().unwrap();
-        moved.ports[0] = Arc::new(p);
+        moved.ports = moved.ports.replaced(0, Arc::new(p));
         let change = dp.sync(&moved, false).unwrap();
         assert!(!change.full);
         let mut again = MapsDataplane::new(settings.clone());
@@ -217,4 +217,54 @@ fn the_dataplane_takes_over_its_table_after_a_restart_writing_only_the_differenc
         backends >= 45 * 4,
         "{backends} backends listed, {elements} elements"
     );
+}
+
+/// A table taken over from a run with other session-affinity timeouts gets its
+/// affinity sets re-created with the wanted timeout (the kernel does not redefine a
+/// set in place); a second take-over then finds nothing to change.
+#[test]
+fn a_take_over_re_creates_affinity_sets_whose_timeout_differs() {
+    if !require_root("a_take_over_re_creates_affinity_sets_whose_timeout_differs") {
+        return;
+    }
+    use kproxy::config::Config;
+    use kproxy::dataplane::Dataplane;
+    use kproxy::model::{synthetic, IpFamily, NodeContext, ProxyState};
+    use kproxy::nftables::maps::dataplane::MapsDataplane;
+    use std::sync::Arc;
+    fn with_affinity(st: &ProxyState, timeout: u32) -> ProxyState {
+        let ports: Vec<_> = st
+            .ports
+            .iter()
+            .map(|p| {
+                let mut q = (**p).clone();
+                q.svc.affinity_timeout = Some(timeout);
+                Arc::new(q)
+            })
+            .collect();
+        ProxyState {
+            ports: ports.into(),
+            ..st.clone()
+        }
+    }
+    let ns = Netns::new("mretime");
+    let (retimed, again) = ns.run(|| {
+        let settings = Config::default().family_settings(IpFamily::V4, "node-1", None, &[]);
+        let base = synthetic::cluster(5, 2).proxy_state(IpFamily::V4, &NodeContext::default());
+        MapsDataplane::new(settings.clone())
+            .sync(&with_affinity(&base, 600), true)
+            .unwrap();
+        let long = with_affinity(&base, 10800);
+        let retimed = MapsDataplane::new(settings.clone())
+            .sync(&long, true)
+            .unwrap();
+        let again = MapsDataplane::new(settings).sync(&long, true).unwrap();
+        (retimed.operations, again.operations)
+    });
+    let listing = listing(&ns, "ip");
+    assert_eq!(listing.matches("timeout 3h").count(), 10, "{listing}");
+    assert!(!listing.contains("timeout 10m"), "{listing}");
+    // 10 sets re-created (delete + add), their 10 chains flushed and refilled.
+    assert!(retimed >= 40, "{retimed} operations");
+    assert_eq!(again, 1, "only `add table`");
 }

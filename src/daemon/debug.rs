@@ -335,7 +335,7 @@ mod tests {
         );
         let state = ProxyState {
             family: IpFamily::V4,
-            ports: vec![],
+            ports: crate::model::PortList::new(),
             service_cidrs: vec![],
         };
         dp.sync(&state, true).unwrap();

@@ -8,6 +8,7 @@ pub mod decode;
 pub(crate) mod from_k8s;
 pub mod ip;
 mod port_flags;
+mod port_list;
 pub mod select;
 mod state;
 pub mod synthetic;
@@ -19,7 +20,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub(crate) use port_flags::PortFlags;
-pub(crate) use state::{group_by_service, PortPlan};
+pub(crate) use port_list::PortChange;
+pub use port_list::{Iter as PortIter, PortList};
+pub(crate) use state::PortPlan;
 pub use state::{ClusterState, NodeContext, ProxyState};
 
 /// An IP family; each family gets its own proxier, as upstream's meta-proxier does.

@@ -1,6 +1,6 @@
 //! The cluster state kept in memory, and the per-family view derived from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
@@ -9,6 +9,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as networking;
 
 use super::from_k8s::{self, SkipReason};
+use super::port_list::PortList;
 use super::select::{categorize, Selection, Topology};
 use super::{
     Endpoint, EndpointSlice, IpFamily, NodeInfo, ObjectKey, Service, ServicePort, ServicePortName,
@@ -27,30 +28,44 @@ pub struct ClusterState {
     service_cidrs: BTreeMap<String, Vec<IpNet>>,
     /// Feature gate LoadBalancerIPMode turned off: `ipMode: Proxy` ingress IPs are VIPs too.
     ignore_lb_ip_mode: bool,
-    /// Per-Service derived port plans, so that a sync after a small change re-derives
-    /// only the Services that changed. Invisible to callers: `proxy_state` stays a pure
-    /// function of the state; entries are dropped whenever their inputs change.
+    /// The last derived ports per family and the Services changed since, so that a
+    /// sync after a small change re-derives only the Services that changed. Invisible
+    /// to callers: `proxy_state` stays a pure function of the state.
     derived: Mutex<DerivedCache>,
 }
 
 #[derive(Debug, Default)]
 struct DerivedCache {
     node: Option<NodeContext>,
-    /// Per family (IPv4, IPv6), by Service: looked up with the Service's own key, so a
-    /// sync of an unchanged cluster allocates nothing per Service.
-    services: [HashMap<ObjectKey, Vec<Arc<PortPlan>>>; 2],
+    /// Per family (IPv4, IPv6): the ports last derived and the Services changed since,
+    /// so that a sync after a few changes re-derives and splices only those.
+    families: [Option<FamilyCache>; 2],
+}
+
+#[derive(Debug)]
+struct FamilyCache {
+    ports: PortList,
+    dirty: BTreeSet<ObjectKey>,
+}
+
+fn family_index(family: IpFamily) -> usize {
+    match family {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
 }
 
 impl DerivedCache {
-    fn family(&mut self, family: IpFamily) -> &mut HashMap<ObjectKey, Vec<Arc<PortPlan>>> {
-        &mut self.services[match family {
-            IpFamily::V4 => 0,
-            IpFamily::V6 => 1,
-        }]
+    fn clear(&mut self) {
+        self.families = [None, None];
     }
 
-    fn clear(&mut self) {
-        self.services.iter_mut().for_each(HashMap::clear);
+    fn changed(&mut self, key: &ObjectKey) {
+        for f in self.families.iter_mut().flatten() {
+            if !f.dirty.contains(key) {
+                f.dirty.insert(key.clone());
+            }
+        }
     }
 }
 
@@ -112,17 +127,10 @@ pub struct ProxyState {
     pub family: IpFamily,
     /// Service ports sorted by namespace, name, port name and protocol. Shared with
     /// the state's cache (and with the renderers' record of what they applied), so an
-    /// unchanged port compares equal by pointer.
-    pub ports: Vec<Arc<PortPlan>>,
+    /// unchanged port compares equal by pointer and unchanged chunks are skipped.
+    pub ports: PortList,
     /// ServiceCIDRs of this family, sorted.
     pub service_cidrs: Vec<IpNet>,
-}
-
-/// Sorted ports grouped by Service.
-pub(crate) fn group_by_service(ports: &[Arc<PortPlan>]) -> impl Iterator<Item = &[Arc<PortPlan>]> {
-    ports.chunk_by(|a, b| {
-        a.svc.name.namespace == b.svc.name.namespace && a.svc.name.name == b.svc.name.name
-    })
 }
 
 impl ProxyState {
@@ -149,7 +157,7 @@ impl ProxyState {
 
     /// The ports grouped by Service, in order (syncs rewrite whole Services).
     pub(crate) fn service_groups(&self) -> impl Iterator<Item = &[Arc<PortPlan>]> {
-        group_by_service(&self.ports)
+        self.ports.services()
     }
 }
 
@@ -176,9 +184,7 @@ impl ClusterState {
             .derived
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner);
-        for services in &mut cache.services {
-            services.remove(key);
-        }
+        cache.changed(key);
     }
 
     fn forget_all(&mut self) {
@@ -372,17 +378,31 @@ impl ClusterState {
             cache.clear();
             cache.node = Some(node.clone());
         }
-        let cached = cache.family(family);
-        let mut ports = Vec::with_capacity(self.services.len());
-        for svc in self.services.values() {
-            if let Some(plans) = cached.get(&svc.key) {
-                ports.extend(plans.iter().cloned());
-                continue;
+        let slot = &mut cache.families[family_index(family)];
+        let ports = match slot {
+            Some(f) => {
+                for key in std::mem::take(&mut f.dirty) {
+                    let plans = match self.services.get(&key) {
+                        Some(svc) => self.derive_service(svc, family, node, &topo),
+                        None => Vec::new(),
+                    };
+                    f.ports.replace_service(&key, plans);
+                }
+                f.ports.clone()
             }
-            let derived = self.derive_service(svc, family, node, &topo);
-            ports.extend(derived.iter().cloned());
-            cached.insert(svc.key.clone(), derived);
-        }
+            None => {
+                let mut all = Vec::with_capacity(self.services.len());
+                for svc in self.services.values() {
+                    all.extend(self.derive_service(svc, family, node, &topo));
+                }
+                let ports = PortList::from_sorted(all);
+                *slot = Some(FamilyCache {
+                    ports: ports.clone(),
+                    dirty: BTreeSet::new(),
+                });
+                ports
+            }
+        };
         let mut service_cidrs: Vec<IpNet> = self
             .service_cidrs
             .values()
@@ -505,4 +525,73 @@ fn merge_endpoints(
     }
     // BTreeMap<String, _> iterates in byte-wise key order: upstream's endpoint order.
     by_addr.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::synthetic;
+
+    /// After any sequence of changes, the incrementally kept ports equal a fresh
+    /// derivation (a clone starts with an empty cache).
+    #[test]
+    fn incremental_derivation_equals_a_fresh_one() {
+        let mut st = synthetic::cluster(300, 3);
+        let services: Vec<Service> = st.services().cloned().collect();
+        let slices: Vec<EndpointSlice> = st.slices().cloned().collect();
+        let nodes = [
+            NodeContext {
+                name: "node-1".into(),
+                ..NodeContext::default()
+            },
+            NodeContext {
+                name: "node-2".into(),
+                zone: Some("z".into()),
+                prefer_same_node: true,
+            },
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |m: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize % m
+        };
+        let mut node = &nodes[0];
+        let first = st.proxy_state(IpFamily::V4, node);
+        assert_eq!(first.ports.len(), 300);
+        for round in 0..300 {
+            for _ in 0..1 + next(5) {
+                let i = next(services.len());
+                match next(7) {
+                    0 => {
+                        st.remove_service(&services[i].key.namespace, &services[i].key.name);
+                    }
+                    1 => st.insert_service(services[i].clone()),
+                    2 => {
+                        st.remove_slice(&slices[i].key.namespace, &slices[i].key.name);
+                    }
+                    3 => st.insert_slice(slices[i].clone()),
+                    4 => {
+                        let mut s = services[i].clone();
+                        s.ports[0].port = 1 + next(1000) as u16;
+                        st.insert_service(s);
+                    }
+                    5 if next(20) == 0 => node = &nodes[next(2)],
+                    _ => {
+                        let mut s = slices[i].clone();
+                        s.endpoints.truncate(next(4));
+                        if let Some(e) = s.endpoints.first_mut() {
+                            e.node_name = Some(format!("node-{}", 1 + next(2)));
+                        }
+                        st.insert_slice(s);
+                    }
+                }
+            }
+            let kept = st.proxy_state(IpFamily::V4, node);
+            let fresh = st.clone().proxy_state(IpFamily::V4, node);
+            assert_eq!(kept, fresh, "round {round}");
+            assert_eq!(kept.ports.to_vec(), fresh.ports.to_vec());
+            // The other family is kept too (empty here).
+            assert!(st.proxy_state(IpFamily::V6, node).ports.is_empty());
+        }
+    }
 }

@@ -42,6 +42,9 @@ pub struct TableContents {
     pub chains: std::collections::BTreeMap<String, Vec<Option<String>>>,
     /// Named set and map names (anonymous sets are left out).
     pub sets: BTreeSet<String>,
+    /// The default element timeout, in seconds, of the named sets that have one (a
+    /// set is not redefined in place, so a sync compares it to re-create the set).
+    pub timeouts: std::collections::BTreeMap<String, u32>,
     /// Elements of the declared sets, without comments.
     pub elements: Vec<Element>,
 }

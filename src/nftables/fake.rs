@@ -124,6 +124,11 @@ impl Fake {
         Some(TableContents {
             chains,
             sets: self.sets.keys().cloned().collect(),
+            timeouts: self
+                .sets
+                .iter()
+                .filter_map(|(n, s)| Some((n.clone(), s.def.timeout?)))
+                .collect(),
             elements,
         })
     }

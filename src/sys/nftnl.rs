@@ -396,6 +396,16 @@ impl Set {
         self.get_str(sys::NFTNL_SET_NAME)
     }
 
+    /// Its default element timeout in milliseconds, when it has one.
+    pub(crate) fn timeout_ms(&self) -> Option<u64> {
+        let attr = sys::NFTNL_SET_TIMEOUT as u16;
+        // SAFETY: live object; the attribute is read only when set, and it is a u64.
+        unsafe {
+            sys::nftnl_set_is_set(self.ptr.as_ptr(), attr)
+                .then(|| sys::nftnl_set_get_u64(self.ptr.as_ptr(), attr))
+        }
+    }
+
     /// Its elements, copied out.
     pub(crate) fn elems(&self) -> Vec<ElemView> {
         let mut out = Vec::new();

@@ -538,6 +538,42 @@ impl<I: NftInterface> MapsDataplane<I> {
         for c in &stale_chains {
             tx.push(Op::FlushChain((*c).clone()));
         }
+        // Affinity sets the kernel holds with another timeout (a table taken over
+        // from a run with other Service settings): a set is not redefined in place,
+        // so each is re-created, the chains naming it flushed before and refilled
+        // after, in this one unit (packets never see the chains empty).
+        let retimed: BTreeSet<&str> = self
+            .record
+            .affinity_sets
+            .iter()
+            .filter(|(name, t)| k.timeouts.get(*name).is_some_and(|kt| kt != *t))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if !retimed.is_empty() {
+            let users: Vec<&(&String, &Vec<Vec<Expr>>)> = affinity
+                .iter()
+                .filter(|(_, exprs)| named_sets(exprs).any(|s| retimed.contains(s)))
+                .collect();
+            for (name, _) in &users {
+                tx.push(Op::FlushChain((*name).clone()));
+            }
+            for (name, timeout) in self.record.affinity_sets.iter() {
+                if retimed.contains(name.as_str()) {
+                    tx.push(Op::DeleteSet {
+                        name: name.clone(),
+                        is_map: false,
+                    });
+                    tx.push(Op::AddSet(affinity_set(family, name, *timeout)));
+                }
+            }
+            for (name, exprs) in users {
+                tx.ops.extend(
+                    self.affinity_rules(name, exprs)
+                        .into_iter()
+                        .map(Op::AddRule),
+                );
+            }
+        }
         for c in stale_chains {
             tx.push(Op::DeleteChain(c.clone()));
         }

@@ -19,7 +19,7 @@ use super::layout::{Counts, LbClass};
 #[cfg(test)]
 use super::render::Desired;
 use super::render::{ElementKey, MapsRenderer, Sink};
-use crate::model::{PortPlan, ProxyState};
+use crate::model::{PortChange, PortList, PortPlan, ProxyState};
 use crate::nftables::transaction::{Expr, KeyValue, Verdict};
 
 /// Hash maps with a fixed, fast hasher: iteration order (and so the order of a sync's
@@ -244,8 +244,8 @@ pub(crate) struct Changes {
 /// The desired table, maintained port by port.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Record {
-    /// The ports of the last update, in the state's (sorted) order.
-    ports: Vec<Arc<PortPlan>>,
+    /// The ports of the last update (the state's list, shared).
+    ports: PortList,
     pub(crate) elements: Claims<ElementKey, Vec<KeyValue>>,
     pub(crate) verdicts: Claims<ElementKey, Verdict>,
     pub(crate) chains: Claims<String, Vec<Vec<Expr>>>,
@@ -322,14 +322,6 @@ impl Sink for PortClaim<'_> {
     fn count(&mut self, class: LbClass, n: u32) {
         self.counts.push((class, n));
     }
-}
-
-/// What happened to one port between two states.
-enum PortStep<'a> {
-    Same,
-    Removed(&'a Arc<PortPlan>),
-    Added(&'a Arc<PortPlan>),
-    Changed(&'a Arc<PortPlan>, &'a Arc<PortPlan>),
 }
 
 impl Record {
@@ -423,7 +415,7 @@ impl Record {
         if self.fixed.is_none() {
             let d = r.desired(&ProxyState {
                 family: state.family,
-                ports: Vec::new(),
+                ports: PortList::new(),
                 service_cidrs: Vec::new(),
             });
             self.fixed = Some(d.elements.into_iter().collect());
@@ -444,46 +436,18 @@ impl Record {
             let estimate: usize = state.ports.iter().map(|p| 3 + 2 * p.endpoints.len()).sum();
             self.elements.reserve(estimate);
         }
-        // Both lists are sorted by name: a merge walk, comparing names only where the
-        // pointers differ (an unchanged port is the same allocation).
+        // Only the ports that differ: chunks shared with the last update are skipped.
         let old = std::mem::take(&mut self.ports);
-        let (mut i, mut j) = (0, 0);
-        loop {
-            let step = match (old.get(i), state.ports.get(j)) {
-                (None, None) => break,
-                (Some(a), None) => PortStep::Removed(a),
-                (None, Some(b)) => PortStep::Added(b),
-                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => PortStep::Same,
-                (Some(a), Some(b)) => match a.svc.name.cmp(&b.svc.name) {
-                    std::cmp::Ordering::Less => PortStep::Removed(a),
-                    std::cmp::Ordering::Greater => PortStep::Added(b),
-                    std::cmp::Ordering::Equal if **a == **b => PortStep::Same,
-                    std::cmp::Ordering::Equal => PortStep::Changed(a, b),
-                },
-            };
-            match step {
-                PortStep::Same => {
-                    i += 1;
-                    j += 1;
-                }
-                PortStep::Removed(a) => {
-                    self.release_port(r, a);
-                    changes.ports += 1;
-                    i += 1;
-                }
-                PortStep::Added(b) => {
-                    self.claim_port(r, b);
-                    changes.ports += 1;
-                    j += 1;
-                }
-                PortStep::Changed(a, b) => {
+        for change in state.ports.changes(&old) {
+            match change {
+                PortChange::Removed(a) => self.release_port(r, a),
+                PortChange::Added(b) => self.claim_port(r, b),
+                PortChange::Changed(a, b) => {
                     self.release_port(r, a);
                     self.claim_port(r, b);
-                    changes.ports += 1;
-                    i += 1;
-                    j += 1;
                 }
             }
+            changes.ports += 1;
         }
         // The state's allocations, so that the next walk compares pointers.
         self.ports = state.ports.clone();
@@ -570,9 +534,15 @@ mod tests {
         let last = shared.ports.len() - 1;
         let mut p = (*shared.ports[last]).clone();
         p.svc.node_port = np;
-        shared.ports[last] = Arc::new(p);
+        shared.ports = shared.ports.replaced(last, Arc::new(p));
         let mut without_first = shared.clone();
-        without_first.ports.remove(0);
+        without_first.ports = shared
+            .ports
+            .iter()
+            .skip(1)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
         let mut rec = Record::default();
         for st in [
             &base,
@@ -599,7 +569,7 @@ mod tests {
         assert!(again.elements.is_empty());
         // A copy of a port (same content, another allocation) is not a change either.
         let mut copy = st.clone();
-        copy.ports[3] = Arc::new((*st.ports[3]).clone());
+        copy.ports = st.ports.replaced(3, Arc::new((*st.ports[3]).clone()));
         assert_eq!(rec.update(&r, &copy, true).ports, 0);
     }
 }

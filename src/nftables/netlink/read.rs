@@ -182,10 +182,15 @@ impl Netlink {
             Err(e) => return Err(list_failed("list sets", e)),
         };
         let mut anonymous = Vec::new();
-        for name in sets.iter().filter_map(|m| NlSet::parse(m)?.name()) {
+        for set in sets.iter().filter_map(|m| NlSet::parse(m)) {
+            let Some(name) = set.name() else { continue };
             if name.starts_with("__") {
                 anonymous.push(name);
             } else {
+                if let Some(ms) = set.timeout_ms() {
+                    let secs = u32::try_from(ms / 1000).unwrap_or(u32::MAX);
+                    out.timeouts.insert(name.clone(), secs);
+                }
                 out.sets.insert(name);
             }
         }

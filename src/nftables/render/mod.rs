@@ -24,7 +24,7 @@ use super::transaction::{
     Op, Rule, Set, SetFlag, Transaction, Verdict,
 };
 use crate::config::{FamilySettings, LocalDetector, NodePortAddresses};
-use crate::model::{group_by_service, IpFamily, PortFlags, PortPlan, ProxyState};
+use crate::model::{IpFamily, PortFlags, PortList, PortPlan, ProxyState};
 
 /// The table kproxy owns in each family (upstream's name, so it takes over in place).
 pub const TABLE: &str = "kube-proxy";
@@ -106,7 +106,7 @@ enum Update {
 
 #[derive(Debug, Clone, Default)]
 struct Delta {
-    ports: Vec<Arc<PortPlan>>,
+    ports: PortList,
     mirror_set: Vec<(ElementId, ValueId)>,
     mirror_remove: Vec<ElementId>,
     stale: BTreeMap<String, u64>,
@@ -153,8 +153,8 @@ fn value_id(v: &Option<Verdict>) -> ValueId {
 /// model, so they are recomputed for the few Services a sync touches instead of stored.
 #[derive(Debug, Clone, Default)]
 struct Applied {
-    /// The port plans in the kernel, sorted like [`ProxyState::ports`].
-    ports: Vec<Arc<PortPlan>>,
+    /// The port plans in the kernel (the state's list, shared).
+    ports: PortList,
     /// Elements of the managed containers and their values.
     mirror: HashMap<ElementId, ValueId>,
     /// Stale chains (flushed, not yet deleted) and when they were flushed.
@@ -463,11 +463,12 @@ impl NftRenderer {
         // that changed or appeared.
         let mut old: Vec<ServiceObjects> = Vec::new();
         let mut new: Vec<ServiceObjects> = Vec::new();
-        for change in merge_services(&a.ports, state) {
+        // Only the Services that differ: the lists' shared chunks are skipped.
+        for change in state.ports.changed_services(&a.ports) {
             match change {
-                ServiceChange::Same(_) => {}
-                ServiceChange::Gone(was) => old.push(self.describe(was)),
-                ServiceChange::Written { was, now } => {
+                (None, None) => {}
+                (Some(was), None) => old.push(self.describe(was)),
+                (was, Some(now)) => {
                     old.extend(was.map(|w| self.describe(w)));
                     services_written += 1;
                     new.push(self.rewrite_service(now, &mut tx));
@@ -567,7 +568,7 @@ impl NftRenderer {
             (None, Some(a)) => {
                 let mut chains: BTreeSet<String> = a.stale.keys().cloned().collect();
                 let mut affinity = BTreeSet::new();
-                for group in group_by_service(&a.ports) {
+                for group in a.ports.services() {
                     let o = self.describe(group);
                     chains.extend(o.chains);
                     affinity.extend(o.affinity_sets);
@@ -637,7 +638,8 @@ impl NftRenderer {
         let mut old_elements: Vec<Element> = Vec::new();
         let mut active: HashSet<String> = HashSet::new();
         let mut active_affinity: HashSet<String> = HashSet::new();
-        let previous_ports = previous.map(|p| p.ports.as_slice()).unwrap_or_default();
+        let none = PortList::new();
+        let previous_ports = previous.map_or(&none, |p| &p.ports);
         for change in merge_services(previous_ports, state) {
             let objs = match change {
                 ServiceChange::Gone(was) => {
@@ -780,10 +782,10 @@ enum ServiceChange<'a> {
 /// The merge walk both syncs share: every Service of `previous` and `state` once, in
 /// order, as gone, unchanged or to be written.
 fn merge_services<'a>(
-    previous: &'a [Arc<PortPlan>],
+    previous: &'a PortList,
     state: &'a ProxyState,
 ) -> impl Iterator<Item = ServiceChange<'a>> + 'a {
-    let mut prev = group_by_service(previous).peekable();
+    let mut prev = previous.services().peekable();
     let mut next = state.service_groups();
     let mut pending: Option<&'a [Arc<PortPlan>]> = None;
     std::iter::from_fn(move || {

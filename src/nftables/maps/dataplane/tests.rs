@@ -25,7 +25,7 @@ fn moved_endpoint(st: &ProxyState) -> ProxyState {
     let mut st = st.clone();
     let mut port = (*st.ports[0]).clone();
     port.endpoints[0].ip = "10.255.0.9".parse().unwrap();
-    st.ports[0] = Arc::new(port);
+    st.ports = st.ports.replaced(0, Arc::new(port));
     st
 }
 
@@ -452,4 +452,50 @@ fn a_full_resync_of_an_untouched_table_is_not_read_back() {
     dp.sync(&changed, true).unwrap();
     assert!(dp.last_stats().read_back);
     assert_eq!(table(&nft), fresh(&changed));
+}
+
+/// `st` with session affinity of `timeout` seconds on every port.
+fn with_affinity(st: &ProxyState, timeout: u32) -> ProxyState {
+    let ports: Vec<Arc<crate::model::PortPlan>> = st
+        .ports
+        .iter()
+        .map(|p| {
+            let mut q = (**p).clone();
+            q.svc.affinity_timeout = Some(timeout);
+            Arc::new(q)
+        })
+        .collect();
+    ProxyState {
+        ports: ports.into(),
+        ..st.clone()
+    }
+}
+
+#[test]
+fn taking_over_a_table_with_other_affinity_timeouts_re_creates_those_sets() {
+    let nft = FakeNft::new();
+    let short = with_affinity(&state(4, 2), 600);
+    MapsDataplane::with_interface(settings(), nft.clone())
+        .sync(&short, true)
+        .unwrap();
+    assert_eq!(table(&nft), fresh(&short));
+    let long = with_affinity(&state(4, 2), 10800);
+    assert_ne!(
+        fresh(&short),
+        fresh(&long),
+        "the timeout shows in the table"
+    );
+    let mut dp = MapsDataplane::with_interface(settings(), nft.clone());
+    dp.sync(&long, true).unwrap();
+    assert_eq!(table(&nft), fresh(&long));
+    let last = ours(&nft).pop().unwrap();
+    assert_eq!(element_ops(&last), 0, "the elements were right already");
+    // Once right, a take-over finds nothing to re-create.
+    let mut again = MapsDataplane::with_interface(settings(), nft.clone());
+    again.sync(&long, true).unwrap();
+    let last = ours(&nft).pop().unwrap();
+    assert!(
+        !last.ops.iter().any(|op| matches!(op, Op::DeleteSet { .. })),
+        "{last:?}"
+    );
 }
