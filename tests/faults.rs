@@ -603,21 +603,33 @@ fn netlink_batch_refused_reports_operation_and_keeps_rules() {
         &bed.metrics(),
         "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
     );
-    // One change that needs the set gone, one that does not: the batch holds both.
+    // One change that needs the set gone, one that does not. They reach the daemon on
+    // two watches, so the second is made only once the first was refused: from then
+    // on every retry is a full sync holding both.
+    let refusals = |bed: &Bed| {
+        bed.log("kproxy.log")
+            .matches("kernel refused operation")
+            .count()
+    };
+    let wait_for_refusals = |bed: &Bed, n: usize| {
+        let t = Instant::now();
+        while refusals(bed) < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no refused operation logged:\n{}",
+                bed.log("kproxy.log")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     bed.api.apply(&service("sticky", "10.96.0.10"));
+    wait_for_refusals(&bed, 1);
+    let seen = refusals(&bed);
     bed.api.apply(&slice(
         "web",
         &["10.244.2.5".to_string(), "10.244.2.6".to_string()],
     ));
-    let t = Instant::now();
-    while !bed.log("kproxy.log").contains("kernel refused operation") {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no refused operation logged:\n{}",
-            bed.log("kproxy.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_refusals(&bed, seen + 1);
     let log = bed.log("kproxy.log");
     let line = log
         .lines()
